@@ -1,0 +1,277 @@
+//! `kms`: create, read and list keys from the command line.
+//!
+//! The CLI opens the provider named in the configuration in-process, so front-end tools reach
+//! the same keys as the database without any server running.
+#![forbid(unsafe_code)]
+
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use kms_core::config::{Config, Registry};
+use kms_core::{Error, ErrorKind, KeyId, KeyLen, KeyProvider, KeySpec};
+
+use crate::output::Format;
+
+const EXIT_CODES: &str = "\
+Exit status:
+  0  success
+  1  other failure (store damaged, wrong KEK, insecure files, I/O, ...)
+  2  usage or configuration error (including an invalid key id)
+  3  key not found
+  4  key already exists";
+
+/// Keys for databases that encrypt their files: create, read and list them by key id.
+#[derive(Parser, Debug)]
+#[command(name = "kms", version, after_help = EXIT_CODES)]
+struct Cli {
+    /// The configuration file (TOML) naming the provider.
+    #[arg(
+        long,
+        short = 'c',
+        env = "KMS_CONFIG",
+        global = true,
+        value_name = "FILE"
+    )]
+    config: Option<PathBuf>,
+
+    /// Use the file provider in DIR, initialised on first use (for trying kms out).
+    #[arg(long, global = true, value_name = "DIR", conflicts_with = "config")]
+    dev: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Initialise the provider's storage (for the file provider: directory, master key, store).
+    Init,
+    /// Create a new random key; fails with exit status 4 if the id exists.
+    Create {
+        /// The key id, such as cluster/wal.
+        id: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[command(flatten)]
+        format: FormatArgs,
+    },
+    /// Print a key (its newest version, or --version N).
+    Get {
+        /// The key id.
+        id: String,
+        /// A given version instead of the newest.
+        #[arg(long)]
+        version: Option<u32>,
+        #[command(flatten)]
+        format: FormatArgs,
+    },
+    /// Print a key, creating it first if it does not exist (atomic across processes).
+    GetOrCreate {
+        /// The key id.
+        id: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[command(flatten)]
+        format: FormatArgs,
+    },
+    /// Add a new version of a key; `get` returns it from then on, older versions stay readable.
+    Rotate {
+        /// The key id.
+        id: String,
+        #[command(flatten)]
+        spec: SpecArgs,
+        #[command(flatten)]
+        format: FormatArgs,
+    },
+    /// List keys (id, newest version, bits, creation time) whose id starts with PREFIX.
+    List {
+        /// The prefix; empty lists every key.
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+    /// Delete every version of a key. Data encrypted under it becomes unreadable.
+    Delete {
+        /// The key id.
+        id: String,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+    },
+    /// List the providers this kms knows by name.
+    Providers,
+}
+
+#[derive(clap::Args, Debug)]
+struct SpecArgs {
+    /// Key length in bits.
+    #[arg(long, default_value = "256", value_parser = parse_bits)]
+    bits: KeyLen,
+}
+
+#[derive(clap::Args, Debug)]
+struct FormatArgs {
+    /// How to print the key: hex (one line), base64 (one line) or raw bytes.
+    #[arg(long, value_enum, default_value_t = Format::Hex)]
+    format: Format,
+}
+
+fn parse_bits(text: &str) -> Result<KeyLen, String> {
+    let bits: u32 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of bits"))?;
+    KeyLen::from_bits(bits).map_err(|e| e.to_string())
+}
+
+/// The registry of the providers linked into this binary.
+fn registry() -> Registry {
+    let mut registry = Registry::new();
+    registry.register(kms_file::registered());
+    registry
+}
+
+/// An error of the CLI: the exit status and the line for stderr.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Failure {
+        let code = match e.kind() {
+            ErrorKind::NotFound => 3,
+            ErrorKind::AlreadyExists => 4,
+            ErrorKind::InvalidConfig | ErrorKind::InvalidKeyId | ErrorKind::InvalidInput => 2,
+            _ => 1,
+        };
+        Failure {
+            code,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn usage(message: impl Into<String>) -> Failure {
+    Failure {
+        code: 2,
+        message: message.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version exit 0; usage errors exit 2.
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("kms: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    if let Some(dir) = &cli.dev {
+        let text = format!(
+            "[provider]\nname = \"file\"\n[provider.options]\ndir = {:?}\n",
+            dir.display().to_string()
+        );
+        return Ok(Config::parse(&text, PathBuf::new())?);
+    }
+    match &cli.config {
+        Some(path) => Ok(Config::load(path)?),
+        None => Err(usage(
+            "no configuration: pass --config FILE, set KMS_CONFIG, or try --dev DIR",
+        )),
+    }
+}
+
+fn open(cli: &Cli, registry: &Registry) -> Result<Box<dyn KeyProvider>, Failure> {
+    let config = load_config(cli)?;
+    if cli.dev.is_some() {
+        // The development default initialises itself on first use.
+        match registry.init(&config) {
+            Ok(line) => eprintln!("kms: {line}"),
+            Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(registry.open(&config)?)
+}
+
+fn key_id(raw: &str) -> Result<KeyId, Failure> {
+    Ok(KeyId::new(raw)?)
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let registry = registry();
+    match &cli.command {
+        Command::Init => {
+            let config = load_config(&cli)?;
+            let line = registry.init(&config)?;
+            eprintln!("kms: {line}");
+        }
+        Command::Providers => {
+            for entry in registry.entries() {
+                println!("{}\t{}", entry.name, entry.summary);
+            }
+        }
+        Command::Create { id, spec, format } => {
+            let id = key_id(id)?;
+            format.format.check_terminal()?;
+            let key = open(&cli, &registry)?.create(&id, KeySpec::new(spec.bits))?;
+            output::print_key(&key, format.format)?;
+        }
+        Command::Get {
+            id,
+            version,
+            format,
+        } => {
+            let id = key_id(id)?;
+            format.format.check_terminal()?;
+            let provider = open(&cli, &registry)?;
+            let key = match version {
+                Some(v) => provider.get_version(&id, *v)?,
+                None => provider.get(&id)?,
+            };
+            output::print_key(&key, format.format)?;
+        }
+        Command::GetOrCreate { id, spec, format } => {
+            let id = key_id(id)?;
+            format.format.check_terminal()?;
+            let key = open(&cli, &registry)?.get_or_create(&id, KeySpec::new(spec.bits))?;
+            output::print_key(&key, format.format)?;
+        }
+        Command::Rotate { id, spec, format } => {
+            let id = key_id(id)?;
+            format.format.check_terminal()?;
+            let key = open(&cli, &registry)?.rotate(&id, KeySpec::new(spec.bits))?;
+            output::print_key(&key, format.format)?;
+        }
+        Command::List { prefix } => {
+            kms_core::validate_prefix(prefix)?;
+            let keys = open(&cli, &registry)?.list(prefix)?;
+            output::print_list(&keys)?;
+        }
+        Command::Delete { id, yes } => {
+            let id = key_id(id)?;
+            if !yes {
+                return Err(usage(format!(
+                    "refusing to delete key \"{id}\" without --yes: data encrypted under it becomes unreadable"
+                )));
+            }
+            let provider = open(&cli, &registry)?;
+            provider.delete(&id)?;
+            eprintln!("kms: deleted key \"{id}\" from {provider}");
+        }
+    }
+    Ok(())
+}

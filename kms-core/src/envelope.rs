@@ -1,0 +1,275 @@
+//! Envelope encryption over the wrapped-key store: the provider logic shared by `file`,
+//! `command` and the cloud backends.
+//!
+//! A DEK is drawn from the OS CSPRNG, wrapped by the current KEK (through a [`KeyWrapper`]),
+//! bound to its id and version, and stored; `get` reads the blob and unwraps it with the KEK
+//! generation recorded in its row. The store remembers the fingerprint of every KEK generation,
+//! so a store opened with another KEK is refused as "wrong KEK" before any key is touched.
+
+use std::fmt;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::id::KeyId;
+use crate::provider::{Capabilities, KeyProvider};
+use crate::secret::{Key, KeyInfo, KeyLen, KeySpec, SecretBytes};
+use crate::store::{Inserted, Record, Store};
+use crate::wrap::{KeyWrapper, hex_prefix};
+
+/// The metadata name under which the fingerprint of KEK generation `generation` is kept.
+pub fn fingerprint_meta_name(generation: u32) -> String {
+    format!("kek.{generation}.fingerprint")
+}
+
+/// Metadata name of the current KEK generation (a decimal number); absent means 1.
+pub const CURRENT_KEK_META: &str = "kek.current";
+
+/// A provider that keeps wrapped DEKs in a [`Store`] under KEKs reached through
+/// [`KeyWrapper`]s.
+pub struct EnvelopeProvider {
+    name: String,
+    store: Store,
+    current: u32,
+    wrappers: Vec<(u32, Box<dyn KeyWrapper>)>,
+}
+
+impl EnvelopeProvider {
+    /// Opens a provider over `store` with the KEK of its current generation. The KEK's
+    /// fingerprint must match the one recorded in the store, else [`ErrorKind::WrongKek`].
+    pub fn open(
+        name: impl Into<String>,
+        store: Store,
+        kek: Box<dyn KeyWrapper>,
+    ) -> Result<EnvelopeProvider> {
+        let name = name.into();
+        let current = current_generation(&store).map_err(|e| e.with_backend(&name))?;
+        check_fingerprint(&store, current, kek.as_ref()).map_err(|e| e.with_backend(&name))?;
+        Ok(EnvelopeProvider {
+            name,
+            store,
+            current,
+            wrappers: vec![(current, kek)],
+        })
+    }
+
+    /// Records a new store's first KEK: call once, right after [`Store::create`].
+    pub fn initial_meta(kek: &dyn KeyWrapper) -> Vec<(String, Vec<u8>)> {
+        vec![
+            (fingerprint_meta_name(1), kek.fingerprint()),
+            (CURRENT_KEK_META.to_string(), b"1".to_vec()),
+        ]
+    }
+
+    /// Adds the wrapper of an older (or newer) KEK generation, for reading keys it wrapped.
+    pub fn add_wrapper(&mut self, generation: u32, kek: Box<dyn KeyWrapper>) -> Result<()> {
+        check_fingerprint(&self.store, generation, kek.as_ref())
+            .map_err(|e| e.with_backend(&self.name))?;
+        self.wrappers.retain(|(g, _)| *g != generation);
+        self.wrappers.push((generation, kek));
+        Ok(())
+    }
+
+    /// The store under this provider.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The current KEK generation.
+    pub fn current_generation(&self) -> u32 {
+        self.current
+    }
+
+    fn wrapper(&self, generation: u32, id: &KeyId) -> Result<&dyn KeyWrapper> {
+        self.wrappers
+            .iter()
+            .find(|(g, _)| *g == generation)
+            .map(|(_, w)| w.as_ref())
+            .ok_or_else(|| {
+                let message = format!(
+                    "key \"{id}\" is wrapped by KEK generation {generation}, which is not loaded \
+                     (current is {}); finish or resume the KEK rotation",
+                    self.current
+                );
+                Error::new(ErrorKind::WrongKek, message).with_key_id(id)
+            })
+    }
+
+    fn unwrap_record(&self, id: &KeyId, record: &Record) -> Result<Key> {
+        let wrapper = self.wrapper(record.kek, id)?;
+        let material = wrapper.unwrap(id, record.version, &record.wrapped)?;
+        if material.len() != record.len as usize {
+            let message = format!(
+                "key \"{id}\" version {} unwraps to {} bytes but its row says {}",
+                record.version,
+                material.len(),
+                record.len
+            );
+            return Err(Error::new(ErrorKind::Corrupted, message).with_key_id(id));
+        }
+        Key::new(id.clone(), record.version, material)
+    }
+
+    fn new_record(&self, id: &KeyId, version: u32, len: KeyLen) -> Result<(Record, SecretBytes)> {
+        let dek = SecretBytes::random(len.bytes())?;
+        let wrapper = self.wrapper(self.current, id)?;
+        let wrapped = wrapper.wrap(id, version, &dek)?;
+        Ok((
+            Record::new(version, self.current, len.bytes() as u32, wrapped),
+            dek,
+        ))
+    }
+
+    /// Stores a new version; `Ok(Err(existing))` when the id already has it or a newer one.
+    fn store_new(
+        &self,
+        id: &KeyId,
+        version: u32,
+        spec: KeySpec,
+    ) -> Result<std::result::Result<Key, Record>> {
+        let (record, dek) = self.new_record(id, version, spec.len)?;
+        match self.store.insert(id, record)? {
+            Inserted::Stored => Ok(Ok(Key::new(id.clone(), version, dek)?)),
+            Inserted::Exists(existing) => Ok(Err(existing)),
+        }
+    }
+
+    fn with_name<T>(&self, result: Result<T>) -> Result<T> {
+        result.map_err(|e| e.with_backend(&self.name))
+    }
+}
+
+fn current_generation(store: &Store) -> Result<u32> {
+    match store.meta(CURRENT_KEK_META)? {
+        None => Ok(1),
+        Some(raw) => std::str::from_utf8(&raw)
+            .ok()
+            .and_then(|s| s.parse::<u32>().ok())
+            .filter(|g| *g >= 1)
+            .ok_or_else(|| {
+                let message = format!(
+                    "store {} is damaged: its current KEK generation record is unreadable",
+                    store.path().display()
+                );
+                Error::new(ErrorKind::Corrupted, message)
+            }),
+    }
+}
+
+fn check_fingerprint(store: &Store, generation: u32, kek: &dyn KeyWrapper) -> Result<()> {
+    let recorded = store
+        .meta(&fingerprint_meta_name(generation))?
+        .ok_or_else(|| {
+            let message = format!(
+                "store {} is damaged: it records no fingerprint for KEK generation {generation}",
+                store.path().display()
+            );
+            Error::new(ErrorKind::Corrupted, message)
+        })?;
+    let offered = kek.fingerprint();
+    if recorded != offered {
+        let message = format!(
+            "wrong KEK: store {} was wrapped by the KEK with fingerprint {}, this one has {}",
+            store.path().display(),
+            hex_prefix(&recorded),
+            hex_prefix(&offered)
+        );
+        return Err(Error::new(ErrorKind::WrongKek, message));
+    }
+    Ok(())
+}
+
+impl fmt::Display for EnvelopeProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl KeyProvider for EnvelopeProvider {
+    fn get(&self, id: &KeyId) -> Result<Key> {
+        self.with_name((|| match self.store.latest(id)? {
+            Some(record) => self.unwrap_record(id, &record),
+            None => Err(Error::not_found(id)),
+        })())
+    }
+
+    fn get_version(&self, id: &KeyId, version: u32) -> Result<Key> {
+        self.with_name((|| match self.store.version(id, version)? {
+            Some(record) => self.unwrap_record(id, &record),
+            None => {
+                let message = format!("key \"{id}\" has no version {version}");
+                Err(Error::new(ErrorKind::NotFound, message).with_key_id(id))
+            }
+        })())
+    }
+
+    fn create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+        self.with_name((|| match self.store_new(id, 1, spec)? {
+            Ok(key) => Ok(key),
+            Err(_) => Err(Error::already_exists(id)),
+        })())
+    }
+
+    fn get_or_create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+        self.with_name((|| {
+            if let Some(record) = self.store.latest(id)? {
+                return self.unwrap_record(id, &record);
+            }
+            match self.store_new(id, 1, spec)? {
+                Ok(key) => Ok(key),
+                Err(existing) => self.unwrap_record(id, &existing),
+            }
+        })())
+    }
+
+    fn rotate(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+        self.with_name((|| {
+            for _ in 0..16 {
+                let latest = self.store.latest(id)?.ok_or_else(|| Error::not_found(id))?;
+                let next = latest.version.checked_add(1).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::InvalidInput,
+                        format!("key \"{id}\" has run out of versions"),
+                    )
+                })?;
+                if let Ok(key) = self.store_new(id, next, spec)? {
+                    return Ok(key);
+                }
+            }
+            let message = format!("key \"{id}\" is being rotated by others too fast; retry");
+            Err(Error::new(ErrorKind::Unavailable, message).with_key_id(id))
+        })())
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
+        let rows = self.with_name(self.store.list(prefix))?;
+        rows.into_iter()
+            .map(|row| {
+                let len = KeyLen::from_bytes(row.len as usize).ok_or_else(|| {
+                    let message = format!(
+                        "key \"{}\" is recorded with an impossible length of {} bytes",
+                        row.id, row.len
+                    );
+                    Error::new(ErrorKind::Corrupted, message)
+                        .with_key_id(&row.id)
+                        .with_backend(&self.name)
+                })?;
+                Ok(KeyInfo {
+                    id: row.id,
+                    version: row.version,
+                    len,
+                    created: row.created,
+                })
+            })
+            .collect()
+    }
+
+    fn delete(&self, id: &KeyId) -> Result<()> {
+        self.with_name((|| match self.store.delete(id)? {
+            true => Ok(()),
+            false => Err(Error::not_found(id)),
+        })())
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::ALL
+    }
+}
