@@ -38,6 +38,7 @@ pub mod config;
 pub mod conformance;
 pub mod envelope;
 mod error;
+pub mod fsutil;
 mod id;
 pub mod kdf;
 mod provider;

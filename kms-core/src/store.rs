@@ -211,7 +211,7 @@ impl Store {
         };
         setup().map_err(|e| sql_error(path, e))?;
         drop(conn);
-        sync_parent(path)?;
+        crate::fsutil::sync_parent(path)?;
         Store::open(path)
     }
 
@@ -708,21 +708,6 @@ fn verify_schema(path: &Path, conn: &Connection) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-fn sync_parent(path: &Path) -> Result<()> {
-    let parent = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    fs::File::open(parent)
-        .and_then(|dir| dir.sync_all())
-        .map_err(|e| {
-            Error::new(
-                ErrorKind::Other,
-                format!("cannot sync directory {}: {e}", parent.display()),
-            )
-        })
 }
 
 /// Maps a SQLite failure to the kind a caller acts on.

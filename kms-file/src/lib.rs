@@ -18,12 +18,15 @@
 #![warn(missing_docs)]
 
 use std::fs;
-use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use kms_core::config::{self, Context, Registered};
 use kms_core::envelope::EnvelopeProvider;
+use kms_core::fsutil::{
+    check_owner_and_mode, check_private, create_private_dir, write_new_private_file,
+};
 use kms_core::store::Store;
 use kms_core::wrap::Kek;
 use kms_core::{Error, ErrorKind, KeyProvider, Result, SecretBytes};
@@ -102,25 +105,7 @@ pub fn init(options: &Options) -> Result<String> {
     let store_path = dir.join(STORE_FILE);
 
     // 1. The directory: made 0700, or an existing one that passes the same checks as at open.
-    if fs::symlink_metadata(dir).is_err() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Other,
-                    format!("cannot create directory {}: {e}", dir.display()),
-                )
-            })?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|e| {
-            Error::new(
-                ErrorKind::Other,
-                format!("cannot set the mode of {}: {e}", dir.display()),
-            )
-        })?;
-    }
-    check_private(dir, true).map_err(|e| e.with_backend(&name))?;
+    create_private_dir(dir).map_err(|e| e.with_backend(&name))?;
     for existing in [&key_path, &store_path] {
         if fs::symlink_metadata(existing).is_ok() {
             let message = format!(
@@ -136,7 +121,7 @@ pub fn init(options: &Options) -> Result<String> {
     let kek = Kek::new(&master)?;
 
     // 3. The master key file first, durable, so that a store never exists without its key.
-    write_new_secret_file(&key_path, master.expose_secret()).map_err(|e| e.with_backend(&name))?;
+    write_new_private_file(&key_path, master.expose_secret()).map_err(|e| e.with_backend(&name))?;
 
     // 4. The store, recording the master key's fingerprint.
     Store::create(&store_path, &EnvelopeProvider::initial_meta(&kek))
@@ -179,58 +164,6 @@ pub fn open(options: &Options) -> Result<EnvelopeProvider> {
         EnvelopeProvider::open(name.clone(), store, Box::new(kek))
     })();
     opened.map_err(|e| e.with_backend(&name))
-}
-
-/// Refuses a path that is a symbolic link, owned by another user, or open to group or others.
-fn check_private(path: &Path, want_dir: bool) -> Result<()> {
-    let shown = path.display();
-    let md = fs::symlink_metadata(path).map_err(|e| {
-        let kind = if e.kind() == std::io::ErrorKind::NotFound {
-            ErrorKind::InvalidConfig
-        } else {
-            ErrorKind::Other
-        };
-        Error::new(kind, format!("cannot inspect {shown}: {e}"))
-    })?;
-    if md.file_type().is_symlink() {
-        return Err(Error::new(
-            ErrorKind::Insecure,
-            format!("refusing {shown}: it is a symbolic link"),
-        ));
-    }
-    if want_dir && !md.is_dir() {
-        return Err(Error::new(
-            ErrorKind::InvalidConfig,
-            format!("{shown} is not a directory"),
-        ));
-    }
-    if !want_dir && !md.is_file() {
-        return Err(Error::new(
-            ErrorKind::InvalidConfig,
-            format!("{shown} is not a regular file"),
-        ));
-    }
-    check_owner_and_mode(path, &md, if want_dir { "700" } else { "600" })
-}
-
-fn check_owner_and_mode(path: &Path, md: &fs::Metadata, fix: &str) -> Result<()> {
-    let shown = path.display();
-    let me = rustix::process::geteuid().as_raw();
-    if md.uid() != me {
-        let message = format!(
-            "refusing {shown}: it is owned by uid {}, not by this user (uid {me})",
-            md.uid()
-        );
-        return Err(Error::new(ErrorKind::Insecure, message));
-    }
-    let mode = md.mode() & 0o777;
-    if mode & 0o077 != 0 {
-        let message = format!(
-            "refusing {shown}: its mode {mode:04o} lets the group or others in; run `chmod {fix} {shown}`"
-        );
-        return Err(Error::new(ErrorKind::Insecure, message));
-    }
-    Ok(())
 }
 
 fn read_master_key(path: &Path) -> Result<SecretBytes> {
@@ -278,38 +211,4 @@ fn read_master_key(path: &Path) -> Result<SecretBytes> {
         return Err(Error::new(ErrorKind::Corrupted, message));
     }
     Ok(SecretBytes::copy_from(&buf))
-}
-
-/// Writes a new 0600 file under a temporary name, fsyncs it, renames it into place and fsyncs
-/// the directory.
-fn write_new_secret_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let shown = path.display();
-    let fail = |what: &str, e: std::io::Error| {
-        Error::new(ErrorKind::Other, format!("cannot {what} {shown}: {e}"))
-    };
-    let tmp = path.with_extension("key.tmp");
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(&tmp)
-        .map_err(|e| fail("create", e))?;
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .map_err(|e| fail("write", e))?;
-    drop(file);
-    if fs::symlink_metadata(path).is_ok() {
-        let _ = fs::remove_file(&tmp);
-        return Err(Error::new(
-            ErrorKind::AlreadyExists,
-            format!("{shown} already exists"),
-        ));
-    }
-    fs::rename(&tmp, path).map_err(|e| fail("rename into", e))?;
-    let parent = path.parent().unwrap_or(Path::new("."));
-    fs::File::open(parent)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| fail("sync the directory of", e))
 }
