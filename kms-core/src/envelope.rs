@@ -12,13 +12,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::id::KeyId;
 use crate::provider::{Capabilities, KeyProvider};
 use crate::secret::{Key, KeyInfo, KeyLen, KeySpec, SecretBytes};
-use crate::store::{Inserted, Record, Store};
+pub use crate::store::fingerprint_meta_name;
+use crate::store::{Inserted, Record, Rewrapped, Store};
 use crate::wrap::{KeyWrapper, hex_prefix};
-
-/// The metadata name under which the fingerprint of KEK generation `generation` is kept.
-pub fn fingerprint_meta_name(generation: u32) -> String {
-    format!("kek.{generation}.fingerprint")
-}
 
 /// Metadata name of the current KEK generation (a decimal number); absent means 1.
 pub const CURRENT_KEK_META: &str = "kek.current";
@@ -29,6 +25,8 @@ pub struct EnvelopeProvider {
     name: String,
     store: Store,
     current: u32,
+    /// The generation new keys are wrapped by: `current`, or the target of a rotation.
+    writing: u32,
     wrappers: Vec<(u32, Box<dyn KeyWrapper>)>,
 }
 
@@ -47,6 +45,7 @@ impl EnvelopeProvider {
             name,
             store,
             current,
+            writing: current,
             wrappers: vec![(current, kek)],
         })
     }
@@ -66,6 +65,56 @@ impl EnvelopeProvider {
         self.wrappers.retain(|(g, _)| *g != generation);
         self.wrappers.push((generation, kek));
         Ok(())
+    }
+
+    /// Wraps new keys with KEK generation `generation` (loaded with [`add_wrapper`]): during a
+    /// rotation, so that no new key is left for the old KEK.
+    ///
+    /// [`add_wrapper`]: EnvelopeProvider::add_wrapper
+    pub fn write_with(&mut self, generation: u32) -> Result<()> {
+        if !self.wrappers.iter().any(|(g, _)| *g == generation) {
+            let message = format!("KEK generation {generation} is not loaded");
+            return Err(Error::new(ErrorKind::Other, message).with_backend(&self.name));
+        }
+        self.writing = generation;
+        Ok(())
+    }
+
+    /// Re-wraps every key wrapped by KEK generation `from` under generation `to`, `batch` rows
+    /// per transaction. Each row changes atomically and records its generation, so the work can
+    /// stop at any point (a crash included) and be resumed by calling this again. Returns the
+    /// number of rows re-wrapped; `progress` is told the running total after each batch.
+    pub fn rewrap_all(
+        &self,
+        from: u32,
+        to: u32,
+        batch: u32,
+        mut progress: impl FnMut(usize),
+    ) -> Result<usize> {
+        let mut total = 0;
+        loop {
+            let rows = self.with_name(self.store.wrapped_by(from, batch.max(1)))?;
+            if rows.is_empty() {
+                return Ok(total);
+            }
+            let mut rewrapped = Vec::with_capacity(rows.len());
+            for (id, record) in rows {
+                let old = self.with_name(self.wrapper(from, &id))?;
+                let dek = self.with_name(old.unwrap(&id, record.version, &record.wrapped))?;
+                let new = self.with_name(self.wrapper(to, &id))?;
+                let wrapped = self.with_name(new.wrap(&id, record.version, &dek))?;
+                let version = record.version;
+                rewrapped.push(Rewrapped {
+                    id,
+                    version,
+                    from_kek: from,
+                    to_kek: to,
+                    wrapped,
+                });
+            }
+            total += self.with_name(self.store.rewrap_batch(rewrapped))?;
+            progress(total);
+        }
     }
 
     /// The store under this provider.
@@ -110,10 +159,10 @@ impl EnvelopeProvider {
 
     fn new_record(&self, id: &KeyId, version: u32, len: KeyLen) -> Result<(Record, SecretBytes)> {
         let dek = SecretBytes::random(len.bytes())?;
-        let wrapper = self.wrapper(self.current, id)?;
+        let wrapper = self.wrapper(self.writing, id)?;
         let wrapped = wrapper.wrap(id, version, &dek)?;
         Ok((
-            Record::new(version, self.current, len.bytes() as u32, wrapped),
+            Record::new(version, self.writing, len.bytes() as u32, wrapped),
             dek,
         ))
     }
@@ -129,6 +178,14 @@ impl EnvelopeProvider {
         match self.store.insert(id, record)? {
             Inserted::Stored => Ok(Ok(Key::new(id.clone(), version, dek)?)),
             Inserted::Exists(existing) => Ok(Err(existing)),
+            Inserted::RetiredKek => {
+                let message = format!(
+                    "key \"{id}\" was not stored: KEK generation {} was retired by a rotation \
+                     since this provider opened; reopen it",
+                    self.writing
+                );
+                Err(Error::new(ErrorKind::WrongKek, message).with_key_id(id))
+            }
         }
     }
 

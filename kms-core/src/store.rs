@@ -49,6 +49,7 @@ CREATE TABLE keys (
     wrapped BLOB NOT NULL,
     PRIMARY KEY (id, version)
 ) WITHOUT ROWID;
+CREATE INDEX keys_by_kek ON keys (kek);
 ";
 
 /// One stored version of a key.
@@ -98,6 +99,14 @@ pub enum Inserted {
     Stored,
     /// The id already had this version or a newer one; this is the newest stored record.
     Exists(Record),
+    /// The record's KEK generation has been retired by a rotation since the provider opened.
+    RetiredKek,
+}
+
+/// The metadata name under which the fingerprint of KEK generation `generation` is kept. A row
+/// may be inserted only while its generation has this record.
+pub fn fingerprint_meta_name(generation: u32) -> String {
+    format!("kek.{generation}.fingerprint")
 }
 
 enum WriteOp {
@@ -108,22 +117,38 @@ enum WriteOp {
     Delete {
         id: KeyId,
     },
-    Rewrap {
-        id: KeyId,
-        version: u32,
-        from_kek: u32,
-        to_kek: u32,
-        wrapped: Vec<u8>,
+    Meta {
+        set: Vec<(String, Vec<u8>)>,
+        delete: Vec<String>,
     },
-    SetMeta {
-        name: String,
-        value: Vec<u8>,
+    RewrapBatch {
+        rows: Vec<Rewrapped>,
+    },
+    MetaIfNoneWrappedBy {
+        kek: u32,
+        set: Vec<(String, Vec<u8>)>,
+        delete: Vec<String>,
     },
 }
 
 enum WriteDone {
     Insert(Inserted),
     Changed(bool),
+    Count(usize),
+}
+
+/// One row re-wrapped by a KEK rotation.
+pub struct Rewrapped {
+    /// The key id.
+    pub id: KeyId,
+    /// The version.
+    pub version: u32,
+    /// The KEK generation the row must still be wrapped by.
+    pub from_kek: u32,
+    /// The KEK generation of the new blob.
+    pub to_kek: u32,
+    /// The new blob.
+    pub wrapped: Vec<u8>,
 }
 
 struct Pending {
@@ -243,13 +268,25 @@ impl Store {
         })
     }
 
+    /// The metadata entries whose name starts with `prefix`, sorted by name.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT name, value FROM meta WHERE substr(name, 1, length(?1)) = ?1 ORDER BY name",
+            )?;
+            let rows = stmt.query_map([prefix], |row| Ok((row.get(0)?, row.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
     /// Sets a metadata value, durably.
     pub fn set_meta(&self, name: &str, value: &[u8]) -> Result<()> {
-        let op = WriteOp::SetMeta {
-            name: name.to_string(),
-            value: value.to_vec(),
-        };
-        self.write(op).map(|_| ())
+        self.update_meta(vec![(name.to_string(), value.to_vec())], Vec::new())
+    }
+
+    /// Sets and deletes metadata entries in one transaction: all or none, durably.
+    pub fn update_meta(&self, set: Vec<(String, Vec<u8>)>, delete: Vec<String>) -> Result<()> {
+        self.write(WriteOp::Meta { set, delete }).map(|_| ())
     }
 
     /// The newest version of `id`.
@@ -278,7 +315,7 @@ impl Store {
             record,
         }) {
             Ok(WriteDone::Insert(outcome)) => Ok(outcome),
-            Ok(WriteDone::Changed(_)) => unreachable_outcome(),
+            Ok(_) => unreachable_outcome(),
             Err(e) => Err(e.with_key_id(id)),
         }
     }
@@ -287,32 +324,34 @@ impl Store {
     pub fn delete(&self, id: &KeyId) -> Result<bool> {
         match self.write(WriteOp::Delete { id: id.clone() }) {
             Ok(WriteDone::Changed(any)) => Ok(any),
-            Ok(WriteDone::Insert(_)) => unreachable_outcome(),
+            Ok(_) => unreachable_outcome(),
             Err(e) => Err(e.with_key_id(id)),
         }
     }
 
-    /// Replaces the blob of `id` at `version` if it is still wrapped by KEK generation
-    /// `from_kek`; whether it was. For rotations that re-wrap row by row.
-    pub fn rewrap(
+    /// Like [`update_meta`](Store::update_meta), but only if no row is wrapped by KEK
+    /// generation `kek` any more, checked in the same transaction; whether it was applied. Ends
+    /// a rotation without stranding a row that a concurrent writer added meanwhile.
+    pub fn update_meta_if_none_wrapped_by(
         &self,
-        id: &KeyId,
-        version: u32,
-        from_kek: u32,
-        to_kek: u32,
-        wrapped: Vec<u8>,
+        kek: u32,
+        set: Vec<(String, Vec<u8>)>,
+        delete: Vec<String>,
     ) -> Result<bool> {
-        let op = WriteOp::Rewrap {
-            id: id.clone(),
-            version,
-            from_kek,
-            to_kek,
-            wrapped,
-        };
-        match self.write(op) {
-            Ok(WriteDone::Changed(changed)) => Ok(changed),
-            Ok(WriteDone::Insert(_)) => unreachable_outcome(),
-            Err(e) => Err(e.with_key_id(id)),
+        match self.write(WriteOp::MetaIfNoneWrappedBy { kek, set, delete }) {
+            Ok(WriteDone::Changed(applied)) => Ok(applied),
+            Ok(_) => unreachable_outcome(),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the blobs of the given rows, each only if it is still wrapped by its
+    /// `from_kek`, in one transaction; the number of rows replaced. For KEK rotations.
+    pub fn rewrap_batch(&self, rows: Vec<Rewrapped>) -> Result<usize> {
+        match self.write(WriteOp::RewrapBatch { rows }) {
+            Ok(WriteDone::Count(n)) => Ok(n),
+            Ok(_) => unreachable_outcome(),
+            Err(e) => Err(e),
         }
     }
 
@@ -482,6 +521,15 @@ fn commit_batch(conn: &Connection, batch: &[Arc<Pending>]) -> rusqlite::Result<V
 fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<WriteDone> {
     match op {
         WriteOp::Insert { id, record } => {
+            // A process that opened the store before a KEK rotation finished must not add
+            // rows under the retired KEK: every row's generation must still be recorded.
+            let live: Option<i64> = conn
+                .prepare_cached("SELECT 1 FROM meta WHERE name = ?1")?
+                .query_row([fingerprint_meta_name(record.kek)], |row| row.get(0))
+                .optional()?;
+            if live.is_none() {
+                return Ok(WriteDone::Insert(Inserted::RetiredKek));
+            }
             if let Some(existing) = latest(conn, id)? {
                 if existing.version >= record.version {
                     return Ok(WriteDone::Insert(Inserted::Exists(existing)));
@@ -506,21 +554,47 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<WriteDone> {
                 .execute([id.as_str()])?;
             Ok(WriteDone::Changed(n > 0))
         }
-        WriteOp::Rewrap {
-            id,
-            version,
-            from_kek,
-            to_kek,
-            wrapped,
-        } => {
-            let n = conn
-                .prepare_cached("UPDATE keys SET kek = ?1, wrapped = ?2 WHERE id = ?3 AND version = ?4 AND kek = ?5")?
-                .execute(params![to_kek, wrapped, id.as_str(), version, from_kek])?;
-            Ok(WriteDone::Changed(n > 0))
+        WriteOp::RewrapBatch { rows } => {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE keys SET kek = ?1, wrapped = ?2 \
+                 WHERE id = ?3 AND version = ?4 AND kek = ?5",
+            )?;
+            let mut changed = 0;
+            for row in rows {
+                changed += stmt.execute(params![
+                    row.to_kek,
+                    row.wrapped,
+                    row.id.as_str(),
+                    row.version,
+                    row.from_kek
+                ])?;
+            }
+            Ok(WriteDone::Count(changed))
         }
-        WriteOp::SetMeta { name, value } => {
-            conn.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?
-                .execute(params![name, value])?;
+        WriteOp::MetaIfNoneWrappedBy { kek, set, delete } => {
+            let left: i64 = conn
+                .prepare_cached("SELECT COUNT(*) FROM keys WHERE kek = ?1")?
+                .query_row([kek], |row| row.get(0))?;
+            if left > 0 {
+                return Ok(WriteDone::Changed(false));
+            }
+            apply(
+                conn,
+                &WriteOp::Meta {
+                    set: set.clone(),
+                    delete: delete.clone(),
+                },
+            )
+        }
+        WriteOp::Meta { set, delete } => {
+            for (name, value) in set {
+                conn.prepare_cached("INSERT OR REPLACE INTO meta (name, value) VALUES (?1, ?2)")?
+                    .execute(params![name, value])?;
+            }
+            for name in delete {
+                conn.prepare_cached("DELETE FROM meta WHERE name = ?1")?
+                    .execute([name])?;
+            }
             Ok(WriteDone::Changed(true))
         }
     }
