@@ -102,6 +102,41 @@ enum Command {
     },
     /// List the providers this kms knows by name.
     Providers,
+    /// Manage the passphrase slots of a command-provider store.
+    #[command(subcommand)]
+    Slot(SlotCommand),
+    /// Rotate the command provider's master key: re-wraps every key; resumable after a crash.
+    RotateKek,
+}
+
+#[derive(Subcommand, Debug)]
+enum SlotCommand {
+    /// List the slots (after unlocking the store with the configured command).
+    List,
+    /// Add a slot whose passphrase NEW_PASSPHRASE_COMMAND prints.
+    Add {
+        /// The slot name (A-Z a-z 0-9 _ -, at most 32).
+        name: String,
+        /// A command printing the new passphrase (same rules as passphrase_command).
+        #[arg(long, value_name = "COMMAND")]
+        new_passphrase_command: String,
+    },
+    /// Replace a slot's passphrase, atomically.
+    Change {
+        /// The slot name.
+        name: String,
+        /// A command printing the new passphrase.
+        #[arg(long, value_name = "COMMAND")]
+        new_passphrase_command: String,
+    },
+    /// Remove a slot; the last slot cannot be removed.
+    Remove {
+        /// The slot name.
+        name: String,
+        /// Confirm the removal.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -129,6 +164,7 @@ fn parse_bits(text: &str) -> Result<KeyLen, String> {
 fn registry() -> Registry {
     let mut registry = Registry::new();
     registry.register(kms_file::registered());
+    registry.register(kms_command::registered());
     registry
 }
 
@@ -261,6 +297,22 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let keys = open(&cli, &registry)?.list(prefix)?;
             output::print_list(&keys)?;
         }
+        Command::Slot(slot) => run_slot(&cli, slot)?,
+        Command::RotateKek => {
+            let options = command_options(&cli)?;
+            let rotated = kms_command::rotate_kek(&options, |done| {
+                eprintln!("kms: re-wrapped {done} keys");
+            })?;
+            let how = if rotated.resumed {
+                "resumed and finished"
+            } else {
+                "finished"
+            };
+            eprintln!(
+                "kms: {how} the KEK rotation from generation {} to {}: {} keys re-wrapped",
+                rotated.from, rotated.to, rotated.rewrapped
+            );
+        }
         Command::Delete { id, yes } => {
             let id = key_id(id)?;
             if !yes {
@@ -273,5 +325,66 @@ fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("kms: deleted key \"{id}\" from {provider}");
         }
     }
+    Ok(())
+}
+
+/// The command provider's options from the configuration, for its own commands.
+fn command_options(cli: &Cli) -> Result<kms_command::Options, Failure> {
+    let config = load_config(cli)?;
+    if config.provider.name != "command" {
+        return Err(usage(format!(
+            "this command is for the command provider; the configuration names \"{}\"",
+            config.provider.name.escape_debug()
+        )));
+    }
+    let context = kms_core::config::Context {
+        base_dir: config.base_dir.clone(),
+    };
+    Ok(kms_command::Options::from_table(
+        &context,
+        &config.provider.options,
+    )?)
+}
+
+fn run_slot(cli: &Cli, command: &SlotCommand) -> Result<(), Failure> {
+    let options = command_options(cli)?;
+    let new_passphrase = |template: &str, slot: &str| {
+        let new_options = kms_command::Options {
+            passphrase_command: template.to_string(),
+            ..options.clone()
+        };
+        new_options.passphrase(&format!("New passphrase for slot \"{slot}\": "))
+    };
+    let line = match command {
+        SlotCommand::List => {
+            for slot in kms_command::list_slots(&options)? {
+                println!("{}\t{} iterations", slot.name, slot.iterations);
+            }
+            return Ok(());
+        }
+        SlotCommand::Add {
+            name,
+            new_passphrase_command,
+        } => {
+            let pass = new_passphrase(new_passphrase_command, name)?;
+            kms_command::set_slot(&options, name, kms_command::SlotChange::Add, &pass)?
+        }
+        SlotCommand::Change {
+            name,
+            new_passphrase_command,
+        } => {
+            let pass = new_passphrase(new_passphrase_command, name)?;
+            kms_command::set_slot(&options, name, kms_command::SlotChange::Change, &pass)?
+        }
+        SlotCommand::Remove { name, yes } => {
+            if !yes {
+                return Err(usage(format!(
+                    "refusing to remove slot \"{name}\" without --yes"
+                )));
+            }
+            kms_command::remove_slot(&options, name)?
+        }
+    };
+    eprintln!("kms: {line}");
     Ok(())
 }
