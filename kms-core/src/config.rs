@@ -79,7 +79,11 @@ pub fn parse_options<T: DeserializeOwned>(provider: &str, options: &toml::Table)
     T::deserialize(toml::Value::Table(options.clone())).map_err(|e| {
         let message = format!(
             "options of provider \"{provider}\": {}",
-            e.to_string().trim()
+            // One line: serde puts the field path ("in `dir`") on a line of its own.
+            e.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         Error::new(ErrorKind::InvalidConfig, message)
     })
