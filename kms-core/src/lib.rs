@@ -41,9 +41,11 @@ mod error;
 pub mod fsutil;
 mod id;
 pub mod kdf;
+pub mod protocol;
 mod provider;
 mod secret;
 pub mod store;
+pub mod time;
 pub mod wrap;
 
 pub use error::{Error, ErrorKind, Result};
