@@ -18,6 +18,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::plugin::{self, Plugin, PluginSearch};
 use crate::provider::KeyProvider;
 
 /// The whole configuration file.
@@ -134,9 +135,22 @@ impl fmt::Debug for Registered {
 
 /// The providers a program knows by name. The core registers none: the program that links
 /// providers (the CLI, the server, a test) decides which exist.
+///
+/// With [`enable_plugins`](Registry::enable_plugins), the registry also opens plugins: a name
+/// holding a `/` is the path of a plugin file (relative to the configuration's directory), and
+/// any other name is first looked up as `libkms_<name>.so` in the plugin directories (see
+/// [`PluginSearch::from_config`]); only when no such file exists does a linked-in provider of
+/// that name serve. A plugin that exists but fails its checks is an error, never a fallback.
 #[derive(Clone, Debug, Default)]
 pub struct Registry {
     entries: Vec<Registered>,
+    plugins: bool,
+}
+
+/// What a provider name resolved to.
+enum Resolved<'a> {
+    Linked(&'a Registered),
+    Plugin(Plugin),
 }
 
 impl Registry {
@@ -155,6 +169,75 @@ impl Registry {
     /// The registered providers.
     pub fn entries(&self) -> &[Registered] {
         &self.entries
+    }
+
+    /// Makes [`open`](Registry::open) and [`init`](Registry::init) load plugins: by path, and
+    /// by name before the linked-in providers.
+    pub fn enable_plugins(&mut self) -> &mut Registry {
+        self.plugins = true;
+        self
+    }
+
+    /// Whether plugins are loaded.
+    pub fn plugins_enabled(&self) -> bool {
+        self.plugins
+    }
+
+    /// Finds what the configuration's provider name stands for.
+    fn resolve(&self, config: &Config) -> Result<Resolved<'_>> {
+        let name = &config.provider.name;
+        if !self.plugins {
+            return self.find(name).map(Resolved::Linked);
+        }
+        if plugin::is_plugin_path(name) {
+            let path = resolve(&config.base_dir, Path::new(name));
+            return Plugin::load(&path).map(Resolved::Plugin);
+        }
+        let search = PluginSearch::from_config(Some(config))?;
+        if let Some(path) = search.find(name) {
+            return Plugin::load(&path).map(Resolved::Plugin);
+        }
+        if let Some(entry) = self.entries.iter().find(|e| e.name == *name) {
+            return Ok(Resolved::Linked(entry));
+        }
+
+        // Nothing: say where we looked and what there is.
+        let mut available: Vec<String> = self
+            .entries
+            .iter()
+            .map(|e| format!("{} (linked in)", e.name))
+            .collect();
+        for path in search.discover() {
+            let file = path.file_name().unwrap_or_default().to_string_lossy();
+            let stem = file.trim_start_matches("libkms_").trim_end_matches(".so");
+            available.push(format!("{stem} (plugin {})", path.display()));
+        }
+        let searched: Vec<String> = search
+            .dirs()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        let message = format!(
+            "unknown provider \"{}\": no {} in {}, and no provider of that name is linked in; \
+             available: {}",
+            name.escape_debug(),
+            if plugin::is_plugin_name(name) {
+                plugin::library_file_name(name)
+            } else {
+                "plugin file".to_string()
+            },
+            if searched.is_empty() {
+                "no plugin directory".to_string()
+            } else {
+                searched.join(", ")
+            },
+            if available.is_empty() {
+                "none".to_string()
+            } else {
+                available.join(", ")
+            }
+        );
+        Err(Error::new(ErrorKind::InvalidConfig, message))
     }
 
     /// The entry named `name`, or an error listing what is available.
@@ -176,16 +259,27 @@ impl Registry {
 
     /// Opens the provider a configuration names.
     pub fn open(&self, config: &Config) -> Result<Box<dyn KeyProvider>> {
-        let entry = self.find(&config.provider.name)?;
         let context = Context {
             base_dir: config.base_dir.clone(),
+        };
+        let entry = match self.resolve(config)? {
+            Resolved::Linked(entry) => entry,
+            Resolved::Plugin(plugin) => return plugin.open(&context, &config.provider.options),
         };
         (entry.open)(&context, &config.provider.options)
     }
 
     /// Initialises the storage of the provider a configuration names.
     pub fn init(&self, config: &Config) -> Result<String> {
-        let entry = self.find(&config.provider.name)?;
+        let entry = match self.resolve(config)? {
+            Resolved::Linked(entry) => entry,
+            Resolved::Plugin(plugin) => {
+                let context = Context {
+                    base_dir: config.base_dir.clone(),
+                };
+                return plugin.init(&context, &config.provider.options);
+            }
+        };
         let init = entry.init.ok_or_else(|| {
             let message = format!("provider \"{}\" has nothing to initialise", entry.name);
             Error::new(ErrorKind::Unsupported, message)

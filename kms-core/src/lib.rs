@@ -20,6 +20,8 @@
 //!   [`envelope`]: the provider logic over it, shared by the file, command and cloud providers.
 //! - [`config`]: the TOML configuration and the registry that opens a provider by name.
 //! - [`conformance`]: the suite every provider must pass, third-party ones included.
+//! - [`plugin`]: providers as `.so` plugins: the versioned C ABI, the loader and the Rust SDK
+//!   ([`export_provider!`]). The only module with `unsafe` code.
 //!
 //! ```
 //! use kms_core::{KeyId, KeyProvider, KeySpec};
@@ -31,8 +33,9 @@
 //!     Ok(())
 //! }
 //! ```
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 pub mod config;
 pub mod conformance;
@@ -41,6 +44,8 @@ mod error;
 pub mod fsutil;
 mod id;
 pub mod kdf;
+#[allow(unsafe_code)]
+pub mod plugin;
 pub mod protocol;
 mod provider;
 mod secret;
@@ -52,3 +57,5 @@ pub use error::{Error, ErrorKind, Result};
 pub use id::{KeyId, MAX_KEY_ID_LEN, show_untrusted, validate_prefix};
 pub use provider::{Capabilities, KeyProvider};
 pub use secret::{Key, KeyInfo, KeyLen, KeySpec, SecretBytes};
+/// The `toml` crate, whose `Table` carries provider options (re-exported for plugin authors).
+pub use toml;
