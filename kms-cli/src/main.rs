@@ -102,6 +102,8 @@ enum Command {
     },
     /// List the providers this kms knows by name.
     Providers,
+    /// List the provider plugins found: name, plugin version, ABI version, path.
+    Plugins,
     /// Manage the passphrase slots of a command-provider store.
     #[command(subcommand)]
     Slot(SlotCommand),
@@ -165,6 +167,9 @@ fn registry() -> Registry {
     let mut registry = Registry::new();
     registry.register(kms_file::registered());
     registry.register(kms_command::registered());
+    // A provider name finds its plugin (libkms_<name>.so) first; the linked-in providers
+    // serve when there is none, so that a lone `kms` binary still works.
+    registry.enable_plugins();
     registry
 }
 
@@ -260,6 +265,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 println!("{}\t{}", entry.name, entry.summary);
             }
         }
+        Command::Plugins => list_plugins(&cli)?,
         Command::Create { id, spec, format } => {
             let id = key_id(id)?;
             format.format.check_terminal()?;
@@ -386,5 +392,59 @@ fn run_slot(cli: &Cli, command: &SlotCommand) -> Result<(), Failure> {
         }
     };
     eprintln!("kms: {line}");
+    Ok(())
+}
+
+/// `kms plugins`: every `libkms_*.so` in the plugin directories (those of the configuration,
+/// if one is given, then this executable's directory), loaded and checked, one per line:
+/// name, plugin version, ABI version, path. Refused plugins are reported on stderr.
+fn list_plugins(cli: &Cli) -> Result<(), Failure> {
+    use std::io::Write;
+
+    let config = match &cli.config {
+        Some(path) => Some(Config::load(path)?),
+        None => None,
+    };
+    let search = kms_core::plugin::PluginSearch::from_config(config.as_ref())?;
+    let found = search.discover();
+    if found.is_empty() {
+        let dirs: Vec<String> = search
+            .dirs()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        eprintln!("kms: no plugins in {}", dirs.join(", "));
+    }
+    let mut out = String::new();
+    let mut refused = 0;
+    for path in found {
+        match kms_core::plugin::Plugin::load(&path) {
+            Ok(plugin) => out.push_str(&format!(
+                "{}\t{}\t{}\t{}\n",
+                plugin.name(),
+                plugin.version(),
+                plugin.abi_version(),
+                path.display()
+            )),
+            Err(e) => {
+                eprintln!("kms: {e}");
+                refused += 1;
+            }
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(out.as_bytes())
+        .and_then(|_| stdout.flush())
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot write to standard output: {e}"),
+        })?;
+    if refused > 0 {
+        return Err(Failure {
+            code: 1,
+            message: format!("{refused} plugin(s) refused"),
+        });
+    }
     Ok(())
 }
