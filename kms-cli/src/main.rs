@@ -41,6 +41,17 @@ struct Cli {
     #[arg(long, global = true, value_name = "DIR", conflicts_with = "config")]
     dev: Option<PathBuf>,
 
+    /// Ask kmsd on this Unix socket instead of opening a provider in-process.
+    #[arg(
+        long,
+        short = 's',
+        env = "KMS_SOCKET",
+        global = true,
+        value_name = "PATH",
+        conflicts_with_all = ["config", "dev"]
+    )]
+    socket: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -167,6 +178,7 @@ fn registry() -> Registry {
     let mut registry = Registry::new();
     registry.register(kms_file::registered());
     registry.register(kms_command::registered());
+    registry.register(kms_client::exec::registered());
     // A provider name finds its plugin (libkms_<name>.so) first; the linked-in providers
     // serve when there is none, so that a lone `kms` binary still works.
     registry.enable_plugins();
@@ -220,6 +232,11 @@ fn main() -> ExitCode {
 }
 
 fn load_config(cli: &Cli) -> Result<Config, Failure> {
+    if cli.socket.is_some() {
+        return Err(usage(
+            "this command works on a provider's storage, not through kmsd: use --config",
+        ));
+    }
     if let Some(dir) = &cli.dev {
         let text = format!(
             "[provider]\nname = \"file\"\n[provider.options]\ndir = {:?}\n",
@@ -236,6 +253,9 @@ fn load_config(cli: &Cli) -> Result<Config, Failure> {
 }
 
 fn open(cli: &Cli, registry: &Registry) -> Result<Box<dyn KeyProvider>, Failure> {
+    if let Some(socket) = &cli.socket {
+        return Ok(Box::new(kms_client::RemoteProvider::connect(socket)?));
+    }
     let config = load_config(cli)?;
     if cli.dev.is_some() {
         // The development default initialises itself on first use.

@@ -66,7 +66,11 @@ impl Config {
     /// Parses configuration text; relative paths will resolve against `base_dir`.
     pub fn parse(text: &str, base_dir: PathBuf) -> Result<Config> {
         let mut config: Config = toml::from_str(text).map_err(|e| {
-            let message = e.to_string().split_whitespace().collect::<Vec<_>>().join(" ");
+            let message = e
+                .to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ");
             Error::new(ErrorKind::InvalidConfig, message)
         })?;
         config.base_dir = base_dir;

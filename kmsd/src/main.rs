@@ -40,7 +40,10 @@ struct Args {
 
 /// The providers linked into this binary.
 fn registry() -> Registry {
+    // As in the CLI: a name finds its plugin (libkms_<name>.so) first, the linked-in
+    // providers are the fallback when no such plugin exists.
     let mut registry = Registry::new();
+    registry.enable_plugins();
     registry.register(kms_file::registered());
     registry.register(kms_command::registered());
     registry.register(kms_client::exec::registered());

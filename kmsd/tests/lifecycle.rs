@@ -25,7 +25,11 @@ fn setup() -> Setup {
                 [server]\nsocket = \"kms.sock\"\n";
     std::fs::write(&config, text).unwrap();
     kms_file::init(&kms_file::Options::in_dir(dir.path().join("store"))).unwrap();
-    Setup { dir, config, socket }
+    Setup {
+        dir,
+        config,
+        socket,
+    }
 }
 
 fn start(setup: &Setup) -> Child {
@@ -43,7 +47,11 @@ fn start(setup: &Setup) -> Child {
 fn wait_for_socket(socket: &Path) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while RemoteProvider::connect(socket).is_err() {
-        assert!(Instant::now() < deadline, "kmsd did not start serving on {}", socket.display());
+        assert!(
+            Instant::now() < deadline,
+            "kmsd did not start serving on {}",
+            socket.display()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -71,7 +79,10 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
     assert!(!second.status.success());
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("already running"), "{stderr}");
-    RemoteProvider::connect(&setup.socket).unwrap().get_or_create(&KeyId::new("k").unwrap(), KeySpec::default()).unwrap();
+    RemoteProvider::connect(&setup.socket)
+        .unwrap()
+        .get_or_create(&KeyId::new("k").unwrap(), KeySpec::default())
+        .unwrap();
 
     first.kill().unwrap();
     first.wait().unwrap();
@@ -81,10 +92,17 @@ fn a_stale_socket_is_replaced_and_a_live_one_is_not() {
 fn a_file_that_is_not_a_socket_is_never_deleted() {
     let setup = setup();
     std::fs::write(&setup.socket, b"precious").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_kmsd")).arg("--config").arg(&setup.config).output().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_kmsd"))
+        .arg("--config")
+        .arg(&setup.config)
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("is not a socket; refusing to replace it"), "{stderr}");
+    assert!(
+        stderr.contains("is not a socket; refusing to replace it"),
+        "{stderr}"
+    );
     assert_eq!(std::fs::read(&setup.socket).unwrap(), b"precious");
 }
 
@@ -93,7 +111,9 @@ fn sigterm_finishes_and_exits_zero() {
     let setup = setup();
     let mut server = start(&setup);
     let client = RemoteProvider::connect(&setup.socket).unwrap();
-    let key = client.get_or_create(&KeyId::new("before/term").unwrap(), KeySpec::default()).unwrap();
+    let key = client
+        .get_or_create(&KeyId::new("before/term").unwrap(), KeySpec::default())
+        .unwrap();
     // An idle connection must not hold the server up.
     let _idle = RemoteProvider::connect(&setup.socket).unwrap();
 
@@ -106,7 +126,8 @@ fn sigterm_finishes_and_exits_zero() {
     assert!(status.success(), "{status}");
     assert!(!setup.socket.exists(), "the socket was left behind");
 
-    let provider = kms_file::open(&kms_file::Options::in_dir(setup.dir.path().join("store"))).unwrap();
+    let provider =
+        kms_file::open(&kms_file::Options::in_dir(setup.dir.path().join("store"))).unwrap();
     assert_eq!(provider.get(key.id()).unwrap(), key);
 }
 
@@ -125,7 +146,9 @@ fn sigkill_during_create_storms_loses_no_acknowledged_key() {
                 let acknowledged = Arc::clone(&acknowledged);
                 let stop = Arc::clone(&stop);
                 std::thread::spawn(move || {
-                    let Ok(provider) = RemoteProvider::connect(&socket) else { return };
+                    let Ok(provider) = RemoteProvider::connect(&socket) else {
+                        return;
+                    };
                     for n in 0.. {
                         if stop.load(Ordering::SeqCst) {
                             return;
@@ -155,12 +178,19 @@ fn sigkill_during_create_storms_loses_no_acknowledged_key() {
         let provider = RemoteProvider::connect(&setup.socket).unwrap();
         let acknowledged = acknowledged.lock().unwrap();
         for (id, key) in acknowledged.iter() {
-            assert_eq!(&provider.get(id).unwrap(), key, "round {round}: {id} changed or vanished");
+            assert_eq!(
+                &provider.get(id).unwrap(),
+                key,
+                "round {round}: {id} changed or vanished"
+            );
         }
         let mut server = server;
         server.kill().unwrap();
         server.wait().unwrap();
     }
     let total = acknowledged.lock().unwrap().len();
-    assert!(total > 100, "only {total} keys were acknowledged in 20 rounds");
+    assert!(
+        total > 100,
+        "only {total} keys were acknowledged in 20 rounds"
+    );
 }

@@ -40,7 +40,11 @@ fn start(extra: &str) -> Server {
     let table: toml::Table = toml::from_str(&text).unwrap();
     let settings = Settings::from_table(&table, Path::new("")).unwrap();
     let handle = kmsd::spawn(Box::new(provider), settings).unwrap();
-    Server { _dir: dir, socket, handle: Some(handle) }
+    Server {
+        _dir: dir,
+        socket,
+        handle: Some(handle),
+    }
 }
 
 struct Conn {
@@ -51,8 +55,13 @@ struct Conn {
 impl Conn {
     fn open(socket: &Path) -> Conn {
         let stream = UnixStream::connect(socket).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut conn = Conn { reader: BufReader::new(stream.try_clone().unwrap()), writer: stream };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut conn = Conn {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        };
         assert!(conn.line().starts_with("KMS/1 file provider at "));
         conn
     }
@@ -89,19 +98,44 @@ fn malformed_input_gets_one_error_and_the_connection_stays_usable() {
         line
     };
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (b"GET a b\n".to_vec(), "ERR invalid-input GET takes 1 argument(s), got 2"),
-        (b"GET a\0b\n".to_vec(), "ERR invalid-input request holds the byte 0x00"),
-        (b"GET \xff\xfe\n".to_vec(), "ERR invalid-input request holds the byte 0xff"),
-        (huge, "ERR invalid-input request line longer than 4095 bytes"),
-        (b"FLY me\n".to_vec(), "ERR invalid-input unknown verb \"FLY\""),
-        (b"GET ../../etc/passwd\n".to_vec(), "ERR invalid-key-id invalid key id"),
+        (
+            b"GET a b\n".to_vec(),
+            "ERR invalid-input GET takes 1 argument(s), got 2",
+        ),
+        (
+            b"GET a\0b\n".to_vec(),
+            "ERR invalid-input request holds the byte 0x00",
+        ),
+        (
+            b"GET \xff\xfe\n".to_vec(),
+            "ERR invalid-input request holds the byte 0xff",
+        ),
+        (
+            huge,
+            "ERR invalid-input request line longer than 4095 bytes",
+        ),
+        (
+            b"FLY me\n".to_vec(),
+            "ERR invalid-input unknown verb \"FLY\"",
+        ),
+        (
+            b"GET ../../etc/passwd\n".to_vec(),
+            "ERR invalid-key-id invalid key id",
+        ),
         (b"\n".to_vec(), "ERR invalid-input empty request"),
-        (b"CREATE x 512\n".to_vec(), "ERR invalid-input a key has 128, 192 or 256 bits"),
+        (
+            b"CREATE x 512\n".to_vec(),
+            "ERR invalid-input a key has 128, 192 or 256 bits",
+        ),
     ];
     for (bad, expected) in cases {
         conn.send(&bad);
         let answer = conn.line();
-        assert!(answer.starts_with(expected), "{answer:?} for {:?}", &bad[..bad.len().min(20)]);
+        assert!(
+            answer.starts_with(expected),
+            "{answer:?} for {:?}",
+            &bad[..bad.len().min(20)]
+        );
         // The next valid request is answered correctly.
         assert_eq!(conn.ask("GET ok/key"), created);
     }
@@ -113,13 +147,19 @@ fn malformed_input_gets_one_error_and_the_connection_stays_usable() {
 
     // A key id holding a newline cannot be sent through the client: it is refused first, and
     // nothing is created.
-    assert_eq!(KeyId::new("a\nCREATE b").unwrap_err().kind(), ErrorKind::InvalidKeyId);
+    assert_eq!(
+        KeyId::new("a\nCREATE b").unwrap_err().kind(),
+        ErrorKind::InvalidKeyId
+    );
     assert!(conn.ask("GET b").starts_with("ERR not-found"));
 
     // Half a line, then the client closes its side: one error, then the end.
     conn.send(b"GET ok/ke");
     conn.writer.shutdown(std::net::Shutdown::Write).unwrap();
-    assert!(conn.line().starts_with("ERR invalid-input the connection closed in the middle"));
+    assert!(
+        conn.line()
+            .starts_with("ERR invalid-input the connection closed in the middle")
+    );
     let mut rest = String::new();
     assert_eq!(conn.reader.read_to_string(&mut rest).unwrap(), 0);
 }
@@ -129,12 +169,21 @@ fn ten_thousand_pipelined_requests_are_answered_in_order() {
     let server = start("");
     let client = RemoteProvider::connect(&server.socket).unwrap();
     let keys: Vec<_> = (0..10)
-        .map(|i| client.create(&KeyId::new(&format!("p/{i}")).unwrap(), KeySpec::default()).unwrap())
+        .map(|i| {
+            client
+                .create(&KeyId::new(&format!("p/{i}")).unwrap(), KeySpec::default())
+                .unwrap()
+        })
         .collect();
     let expected: Vec<String> = (0..10_000)
         .map(|i| match i % 1000 {
             999 => "ERR invalid-input".to_string(),
-            _ => String::from_utf8(kms_core::protocol::format_key(&keys[i % 10]).as_bytes().to_vec()).unwrap(),
+            _ => String::from_utf8(
+                kms_core::protocol::format_key(&keys[i % 10])
+                    .as_bytes()
+                    .to_vec(),
+            )
+            .unwrap(),
         })
         .collect();
 
@@ -152,7 +201,10 @@ fn ten_thousand_pipelined_requests_are_answered_in_order() {
     });
     for (i, want) in expected.iter().enumerate() {
         let got = conn.line();
-        assert!(got.starts_with(want.as_str()), "answer {i}: {got:?}, expected {want:?}");
+        assert!(
+            got.starts_with(want.as_str()),
+            "answer {i}: {got:?}, expected {want:?}"
+        );
     }
     sender.join().unwrap();
 }
@@ -171,7 +223,8 @@ fn cached_keys_cost_one_provider_call() {
         assert_eq!(conn.line(), first);
     }
     let client = RemoteProvider::connect(&server.socket).unwrap();
-    let stats: std::collections::HashMap<String, u64> = client.stats().unwrap().into_iter().collect();
+    let stats: std::collections::HashMap<String, u64> =
+        client.stats().unwrap().into_iter().collect();
     assert_eq!(stats["provider_get"], 0, "{stats:?}");
     assert_eq!(stats["provider_get_or_create"], 1, "{stats:?}");
     assert_eq!(stats["cache_hits"], 10_000, "{stats:?}");
@@ -184,7 +237,10 @@ fn remote_provider_passes_the_conformance_suite_and_keeps_error_kinds() {
     let client = RemoteProvider::connect(&server.socket).unwrap();
     kms_core::conformance::assert_conforms(&client);
     let missing = KeyId::new("nope").unwrap();
-    assert_eq!(client.get(&missing).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        client.get(&missing).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
     let id = KeyId::new("exists").unwrap();
     client.create(&id, KeySpec::default()).unwrap();
     let err = client.create(&id, KeySpec::default()).unwrap_err();
@@ -196,7 +252,9 @@ fn remote_provider_passes_the_conformance_suite_and_keeps_error_kinds() {
 fn audit_log_records_operations_and_never_keys() {
     let server = start("");
     let client = RemoteProvider::connect(&server.socket).unwrap();
-    let key = client.get_or_create(&KeyId::new("audited/k").unwrap(), KeySpec::default()).unwrap();
+    let key = client
+        .get_or_create(&KeyId::new("audited/k").unwrap(), KeySpec::default())
+        .unwrap();
     let _ = client.get(&KeyId::new("audited/missing").unwrap());
     drop(client);
     let audit_path = server.socket.with_file_name("audit.log");
@@ -207,11 +265,24 @@ fn audit_log_records_operations_and_never_keys() {
     assert_eq!(lines.len(), 2, "{audit}");
     let me = rustix::process::geteuid().as_raw();
     assert!(lines[0].contains(&format!(" uid={me} ")), "{audit}");
-    assert!(lines[0].ends_with("op=GET-OR-CREATE id=audited/k result=ok"), "{audit}");
-    assert!(lines[1].ends_with("op=GET id=audited/missing result=not-found"), "{audit}");
-    let hex: String = key.expose_secret().iter().map(|b| format!("{b:02x}")).collect();
+    assert!(
+        lines[0].ends_with("op=GET-OR-CREATE id=audited/k result=ok"),
+        "{audit}"
+    );
+    assert!(
+        lines[1].ends_with("op=GET id=audited/missing result=not-found"),
+        "{audit}"
+    );
+    let hex: String = key
+        .expose_secret()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let b64 = kms_core::protocol::format_key(&key).to_string();
-    assert!(!audit.contains(&hex[..16]) && !audit.contains(&b64[5..20]), "key material in the audit log");
+    assert!(
+        !audit.contains(&hex[..16]) && !audit.contains(&b64[5..20]),
+        "key material in the audit log"
+    );
 }
 
 /// Runs a protocol client as `nobody` (through runuser and the system Python) and returns its
@@ -237,8 +308,16 @@ for request in sys.argv[2:]:
         .args(requests)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap().lines().map(str::to_string).collect()
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn open_to_nobody(server: &Server) {
@@ -254,13 +333,22 @@ fn another_uid_without_a_rule_is_denied() {
     }
     let server = start("socket_mode = \"0666\"\n");
     open_to_nobody(&server);
-    let answers = as_nobody(&server.socket, &["PING", "GET-OR-CREATE x", "LIST", "STATS"]);
+    let answers = as_nobody(
+        &server.socket,
+        &["PING", "GET-OR-CREATE x", "LIST", "STATS"],
+    );
     assert_eq!(answers[0], "OK PONG");
     for answer in &answers[1..] {
-        assert!(answer.starts_with("ERR denied uid 65534 may not"), "{answers:?}");
+        assert!(
+            answer.starts_with("ERR denied uid 65534 may not"),
+            "{answers:?}"
+        );
     }
     let client = RemoteProvider::connect(&server.socket).unwrap();
-    assert_eq!(client.get(&KeyId::new("x").unwrap()).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        client.get(&KeyId::new("x").unwrap()).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }
 
 #[test]
@@ -274,7 +362,15 @@ fn a_rule_serves_another_uid_under_its_prefix_only() {
     open_to_nobody(&server);
     let answers = as_nobody(
         &server.socket,
-        &["GET-OR-CREATE app/k", "GET app/k", "LIST app/", "GET-OR-CREATE other/k", "LIST", "DELETE app/k", "STATS"],
+        &[
+            "GET-OR-CREATE app/k",
+            "GET app/k",
+            "LIST app/",
+            "GET-OR-CREATE other/k",
+            "LIST",
+            "DELETE app/k",
+            "STATS",
+        ],
     );
     assert!(answers[0].starts_with("OK 1 "), "{answers:?}");
     assert_eq!(answers[1], answers[0]);
@@ -283,6 +379,12 @@ fn a_rule_serves_another_uid_under_its_prefix_only() {
         assert!(denied.starts_with("ERR denied"), "{answers:?}");
     }
     let client = RemoteProvider::connect(&server.socket).unwrap();
-    assert_eq!(client.get(&KeyId::new("other/k").unwrap()).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        client
+            .get(&KeyId::new("other/k").unwrap())
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
     assert!(client.get(&KeyId::new("app/k").unwrap()).is_ok());
 }
