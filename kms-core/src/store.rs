@@ -18,7 +18,7 @@ use std::fs;
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, params};
@@ -162,6 +162,8 @@ pub struct Store {
     writer: Mutex<Connection>,
     readers: Mutex<Vec<Connection>>,
     queue: Mutex<Vec<Arc<Pending>>>,
+    /// Signalled, with `queue` held, each time a leader has committed a batch.
+    committed: Condvar,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -251,6 +253,7 @@ impl Store {
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
             queue: Mutex::new(Vec::new()),
+            committed: Condvar::new(),
         })
     }
 
@@ -449,22 +452,46 @@ impl Store {
 
     /// Queues `op` and commits it, together with whatever else is queued, in one transaction.
     ///
-    /// Whoever holds the writer connection is the leader: it drains the queue and commits the
-    /// batch. A thread whose op was committed by another leader finds its result when it gets
-    /// the connection, and returns without touching the database.
+    /// A thread that finds the writer connection free is the leader: it drains the queue,
+    /// commits the batch and wakes the waiting threads. The others wait on `committed`, not on
+    /// the writer connection, so that a thread whose op another leader committed returns at
+    /// once instead of queueing behind the next batch's fsync.
     fn write(&self, op: WriteOp) -> Result<WriteDone> {
         let pending = Arc::new(Pending {
             op,
             done: Mutex::new(None),
         });
-        lock(&self.queue).push(Arc::clone(&pending));
+        let mut queue = lock(&self.queue);
+        queue.push(Arc::clone(&pending));
 
-        let conn = lock(&self.writer);
-        if let Some(done) = lock(&pending.done).take() {
-            return done;
-        }
-        let batch = std::mem::take(&mut *lock(&self.queue));
-        let outcome = commit_batch(&conn, &batch);
+        // Checked with `queue` held: a leader signals `committed` only after taking it, so a
+        // result or a free writer connection cannot slip by unseen.
+        let conn = loop {
+            if let Some(done) = lock(&pending.done).take() {
+                return done;
+            }
+            match self.writer.try_lock() {
+                Ok(conn) => break conn,
+                Err(TryLockError::Poisoned(poisoned)) => break poisoned.into_inner(),
+                Err(TryLockError::WouldBlock) => {
+                    queue = self
+                        .committed
+                        .wait(queue)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                }
+            }
+        };
+        let batch = std::mem::take(&mut *queue);
+        drop(queue);
+        let leader = Leader {
+            store: self,
+            conn: Some(conn),
+        };
+        // Empty when this thread's op was committed between its check and taking the writer.
+        let outcome = match batch.is_empty() {
+            true => Ok(Vec::new()),
+            false => commit_batch(leader.conn(), &batch),
+        };
         match outcome {
             Ok(results) => {
                 for (p, result) in batch.iter().zip(results) {
@@ -478,7 +505,7 @@ impl Store {
                 }
             }
         }
-        drop(conn);
+        drop(leader);
 
         let done = lock(&pending.done).take();
         done.unwrap_or_else(|| {
@@ -487,6 +514,27 @@ impl Store {
                 "a store write was lost after an internal panic; retry",
             ))
         })
+    }
+}
+
+/// The writer connection held by a leader. Dropped, even by a panic, it releases the
+/// connection first and then wakes the waiting threads, so that one of them can take it.
+struct Leader<'a> {
+    store: &'a Store,
+    conn: Option<MutexGuard<'a, Connection>>,
+}
+
+impl Leader<'_> {
+    fn conn(&self) -> &Connection {
+        self.conn.as_deref().expect("held until drop")
+    }
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        drop(self.conn.take());
+        let _queue = lock(&self.store.queue);
+        self.store.committed.notify_all();
     }
 }
 
