@@ -55,6 +55,28 @@ struct Args {
     /// Prefix of the ids this run uses.
     #[arg(long, default_value = "load")]
     prefix: String,
+    /// Ids of `get-uncached` and `fill`: `prefix/N`, or the 1,000,000-key benchmark store's
+    /// `db/NNN/rel/NNNNNNN` (see `kms-bench million`).
+    #[arg(long, value_enum, default_value_t = Ids::Prefix)]
+    ids: Ids,
+    /// With `--spawn-dev`: kmsd's cache size (its `cache_size` setting).
+    #[arg(long, default_value_t = 100_000)]
+    cache_size: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Ids {
+    /// `<prefix>/<n>`.
+    Prefix,
+    /// `db/<n / 10000>/rel/<n>`, zero-padded, as in the benchmark's million-key store.
+    Million,
+}
+
+fn indexed_id(args: &Args, index: usize) -> String {
+    match args.ids {
+        Ids::Prefix => format!("{}/{index}", args.prefix),
+        Ids::Million => format!("db/{:03}/rel/{index:07}", index / 10_000),
+    }
 }
 
 struct Conn {
@@ -116,14 +138,14 @@ fn run_client(
     while Instant::now() < deadline {
         let request = match args.op {
             Op::Get => format!("GET {}/{}\n", args.prefix, (client + n * 7) % args.keys),
-            Op::GetUncached => format!("GET {}/{}\n", args.prefix, client + n * stride),
+            Op::GetUncached => format!("GET {}\n", indexed_id(args, client + n * stride)),
             Op::GetOrCreateNew => format!("GET-OR-CREATE {}/{run_tag}/{client}/{n}\n", args.prefix),
             Op::Fill => {
                 let index = client + n * stride;
                 if index >= args.keys {
                     break;
                 }
-                format!("GET {}/{index}\n", args.prefix)
+                format!("GET {}\n", indexed_id(args, index))
             }
         };
         let started = Instant::now();
@@ -142,16 +164,30 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[index] as f64 / 1000.0
 }
 
-fn spawn_kmsd(dir: &Path) -> Result<(Child, PathBuf)> {
+/// Starts kmsd over the file provider in `dir` (initialised first if empty), with a
+/// configuration written beside it.
+fn spawn_kmsd(dir: &Path, cache_size: usize) -> Result<(Child, PathBuf)> {
     let kmsd = std::env::current_exe()?.with_file_name("kmsd");
+    let dir = std::path::absolute(dir)?;
+    let socket = dir.join("kms.sock");
+    let config = dir.with_extension("kms-load.toml");
+    let text = format!(
+        "[provider]\nname = \"file\"\n[provider.options]\ndir = {:?}\n\
+         [server]\nsocket = {:?}\ncache_size = {cache_size}\n",
+        dir.display().to_string(),
+        socket.display().to_string()
+    );
+    std::fs::write(&config, text)?;
+    if !dir.join("keys.db").exists() {
+        kms_file::init(&kms_file::Options::in_dir(&dir))?;
+    }
     let child = Command::new(&kmsd)
-        .arg("--dev")
-        .arg(dir)
+        .arg("--config")
+        .arg(&config)
         .args(["--log-level", "warn"])
         .stdout(Stdio::null())
         .spawn()
         .with_context(|| format!("start {}", kmsd.display()))?;
-    let socket = dir.join("kms.sock");
     let deadline = Instant::now() + Duration::from_secs(30);
     while Conn::open(&socket).is_err() {
         if Instant::now() > deadline {
@@ -175,14 +211,26 @@ fn memory_kib(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// A kmsd started here, stopped however `main` ends.
+struct Spawned(Option<Child>);
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let (mut child, socket) = match &args.spawn_dev {
         Some(dir) => {
-            let (child, socket) = spawn_kmsd(dir)?;
-            (Some(child), socket)
+            let (child, socket) = spawn_kmsd(dir, args.cache_size)?;
+            (Spawned(Some(child)), socket)
         }
-        None => (None, args.socket.clone().expect("clap requires --socket")),
+        None => (Spawned(None), args.socket.clone().expect("clap requires --socket")),
     };
 
     // 1. Keys for `get` exist and are cached before timing starts.
@@ -216,10 +264,13 @@ fn main() -> Result<()> {
     }
     all.sort_unstable();
 
-    // 3. Figures.
+    // 3. Figures, after kmsd (if started here) is measured and stopped.
+    let memory = child.0.as_ref().map(|c| memory_kib(c.id()));
+    drop(child.0.take().map(|c| Spawned(Some(c))));
     let rps = all.len() as f64 / elapsed;
-    println!(
-        "op={:?} clients={} requests={} seconds={elapsed:.2} rps={rps:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1}",
+    let mut out = format!(
+        "op={:?} clients={} requests={} seconds={elapsed:.2} rps={rps:.0} p50_us={:.1} \
+         p99_us={:.1} p999_us={:.1}\n",
         args.op,
         args.clients,
         all.len(),
@@ -227,13 +278,10 @@ fn main() -> Result<()> {
         percentile(&all, 0.99),
         percentile(&all, 0.999)
     );
-    if let Some(child) = &child {
-        let (rss, hwm) = memory_kib(child.id());
-        println!("kmsd_rss_kib={rss} kmsd_peak_kib={hwm}");
+    if let Some((rss, hwm)) = memory {
+        out.push_str(&format!("kmsd_rss_kib={rss} kmsd_peak_kib={hwm}\n"));
     }
-    if let Some(child) = child.as_mut() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    // A closed stdout (`| head -1`) is not an error worth a panic.
+    let _ = std::io::stdout().write_all(out.as_bytes());
     Ok(())
 }
