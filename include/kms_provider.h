@@ -90,7 +90,7 @@ typedef struct KmsOption {
 /* A key the plugin returns: its own buffer, released by free_key. */
 typedef struct KmsKey {
     uint8_t *ptr;     /* the key bytes, allocated by the plugin */
-    size_t len;       /* 16, 24 or 32 */
+    size_t len;       /* 16, 24 or 32 (1 to 1024 for an imported secret) */
     uint32_t version; /* counted from 1 */
 } KmsKey;
 
@@ -99,7 +99,7 @@ typedef struct KmsKeyInfo {
     const char *id;   /* the key id bytes, not NUL-terminated */
     size_t id_len;
     uint32_t version; /* the newest version */
-    uint32_t key_len; /* its length in bytes: 16, 24 or 32 */
+    uint32_t key_len; /* its length in bytes: 16, 24 or 32 (1 to 1024: a secret) */
     uint64_t created; /* seconds since the Unix epoch, 0 if unknown */
 } KmsKeyInfo;
 
@@ -145,6 +145,10 @@ typedef int32_t (*kms_create_fn)(void *handle, const char *id, size_t id_len, ui
                                  KmsKey *key);
 typedef int32_t (*kms_get_version_fn)(void *handle, const char *id, size_t id_len,
                                       uint32_t version, KmsKey *key);
+/* Stores a secret of 1 to 1024 bytes (the host's buffer; copy it) as version 1 of id, or
+ * KMS_ERR_ALREADY_EXISTS; on success *key holds the stored secret, like create's key. */
+typedef int32_t (*kms_import_fn)(void *handle, const char *id, size_t id_len,
+                                 const uint8_t *secret, size_t secret_len, KmsKey *key);
 typedef int32_t (*kms_list_fn)(void *handle, const char *prefix, size_t prefix_len,
                                kms_list_callback callback, void *context);
 typedef int32_t (*kms_delete_fn)(void *handle, const char *id, size_t id_len);
@@ -184,10 +188,15 @@ typedef struct KmsProviderV1Table {
     kms_get_version_fn get_version;     /* optional: or KMS_ERR_NOT_FOUND */
     kms_create_fn rotate;               /* optional: a new version; KMS_ERR_NOT_FOUND if none */
     kms_text_fn display_name;           /* optional: secret-free name for logs and errors */
+
+    /* Revision 3. */
+    kms_import_fn import;               /* optional: store a secret made elsewhere */
 } KmsProviderV1Table;
 
 /* The size of a revision 1 table: the fields up to last_error. */
 #define KMS_PROVIDER_V1_REVISION_1_SIZE offsetof(KmsProviderV1Table, get_version)
+/* The size of a revision 2 table: the fields up to display_name. */
+#define KMS_PROVIDER_V1_REVISION_2_SIZE offsetof(KmsProviderV1Table, import)
 
 /* The entry point every plugin defines. */
 const KmsProviderV1Table *kms_provider_entry(void);

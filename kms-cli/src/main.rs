@@ -97,6 +97,21 @@ enum Command {
         #[command(flatten)]
         format: FormatArgs,
     },
+    /// Store a secret read from stdin (a TLS key's passphrase, say) under ID.
+    ///
+    /// One trailing LF or CRLF is removed unless --raw is given; 1 to 1024 bytes.
+    Import {
+        /// The key id.
+        id: String,
+        /// Keep the input exactly as read, trailing newline included.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Print a stored secret as one line, for PostgreSQL's ssl_passphrase_command.
+    Passphrase {
+        /// The key id.
+        id: String,
+    },
     /// List keys (id, newest version, bits, creation time) whose id starts with PREFIX.
     List {
         /// The prefix; empty lists every key.
@@ -323,6 +338,21 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let keys = open(&cli, &registry)?.list(prefix)?;
             output::print_list(&keys)?;
         }
+        Command::Import { id, raw } => {
+            let id = key_id(id)?;
+            let secret = read_secret(*raw)?;
+            let provider = open(&cli, &registry)?;
+            let key = provider.import(&id, &secret)?;
+            eprintln!(
+                "kms: imported secret \"{id}\" ({} bytes) into {provider}",
+                key.len()
+            );
+        }
+        Command::Passphrase { id } => {
+            let id = key_id(id)?;
+            let key = open(&cli, &registry)?.get(&id)?;
+            output::print_passphrase(&key)?;
+        }
         Command::Slot(slot) => run_slot(&cli, slot)?,
         Command::RotateKek => {
             let options = command_options(&cli)?;
@@ -467,4 +497,36 @@ fn list_plugins(cli: &Cli) -> Result<(), Failure> {
         });
     }
     Ok(())
+}
+
+/// Reads a secret from stdin: at most 1024 bytes; one trailing LF or CRLF removed unless `raw`.
+fn read_secret(raw: bool) -> Result<kms_core::SecretBytes, Failure> {
+    use std::io::Read;
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(256));
+    let limit = kms_core::MAX_SECRET_LEN as u64 + 2;
+    std::io::stdin()
+        .lock()
+        .take(limit)
+        .read_to_end(&mut buf)
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("cannot read the secret from standard input: {e}"),
+        })?;
+    let mut secret: &[u8] = &buf;
+    if !raw {
+        secret = secret
+            .strip_suffix(b"\r\n")
+            .or_else(|| secret.strip_suffix(b"\n"))
+            .unwrap_or(secret);
+    }
+    if secret.is_empty() {
+        return Err(usage("the secret on standard input is empty"));
+    }
+    if secret.len() > kms_core::MAX_SECRET_LEN {
+        return Err(usage(format!(
+            "the secret on standard input is longer than {} bytes",
+            kms_core::MAX_SECRET_LEN
+        )));
+    }
+    Ok(kms_core::SecretBytes::copy_from(secret))
 }

@@ -53,6 +53,25 @@ pub fn print_key(key: &Key, format: Format) -> Result<(), Failure> {
     write_stdout(&text)
 }
 
+/// Writes a secret as one line, for `ssl_passphrase_command`; a secret that cannot be one line
+/// (it holds a CR, an LF or a NUL) is refused.
+pub fn print_passphrase(key: &Key) -> Result<(), Failure> {
+    let secret = key.expose_secret();
+    if secret.iter().any(|b| matches!(b, b'\n' | b'\r' | 0)) {
+        return Err(Failure {
+            code: 1,
+            message: format!(
+                "secret \"{}\" holds a line break or a NUL and cannot be printed as one line",
+                key.id()
+            ),
+        });
+    }
+    let mut line = Zeroizing::new(Vec::with_capacity(secret.len() + 1));
+    line.extend_from_slice(secret);
+    line.push(b'\n');
+    write_stdout(&line)
+}
+
 /// Writes one line per key: id, newest version, bits, creation time (UTC).
 pub fn print_list(keys: &[KeyInfo]) -> Result<(), Failure> {
     let mut out = String::new();
@@ -61,7 +80,7 @@ pub fn print_list(keys: &[KeyInfo]) -> Result<(), Failure> {
             "{}\tv{}\t{}\t{}\n",
             key.id,
             key.version,
-            key.len.bits(),
+            key.bytes * 8,
             kms_core::time::format_utc(key.created)
         ));
     }

@@ -32,13 +32,25 @@ fn keys_survive_the_helper_and_errors_keep_their_kind() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("keys.json");
     let id = KeyId::new("json/k").unwrap();
-    let key = open(&store, 10.0).unwrap().create(&id, KeySpec::default()).unwrap();
+    let key = open(&store, 10.0)
+        .unwrap()
+        .create(&id, KeySpec::default())
+        .unwrap();
 
     // A fresh helper process reads the same file.
     let provider = open(&store, 10.0).unwrap();
     assert_eq!(provider.get(&id).unwrap(), key);
-    assert_eq!(provider.create(&id, KeySpec::default()).unwrap_err().kind(), ErrorKind::AlreadyExists);
-    assert_eq!(provider.get(&KeyId::new("none").unwrap()).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        provider.create(&id, KeySpec::default()).unwrap_err().kind(),
+        ErrorKind::AlreadyExists
+    );
+    assert_eq!(
+        provider
+            .get(&KeyId::new("none").unwrap())
+            .unwrap_err()
+            .kind(),
+        ErrorKind::NotFound
+    );
 }
 
 #[test]
@@ -46,7 +58,10 @@ fn a_crashing_helper_fails_one_call_and_is_restarted() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("keys.json");
     let id = KeyId::new("safe").unwrap();
-    let key = open(&store, 10.0).unwrap().create(&id, KeySpec::default()).unwrap();
+    let key = open(&store, 10.0)
+        .unwrap()
+        .create(&id, KeySpec::default())
+        .unwrap();
 
     // The crash hook is set for the helper only, through env(1).
     let provider = {
@@ -68,15 +83,28 @@ fn a_crashing_helper_fails_one_call_and_is_restarted() {
 #[test]
 fn a_helper_that_is_not_a_kms_helper_is_refused() {
     let table: toml::Table = toml::from_str("command = [\"/bin/echo\", \"hello\"]\n").unwrap();
-    let err = kms_client::exec::ExecProvider::open(&Context::default(), &table).err().unwrap();
+    let err = kms_client::exec::ExecProvider::open(&Context::default(), &table)
+        .err()
+        .unwrap();
     assert_eq!(err.kind(), ErrorKind::Unavailable);
-    assert!(err.to_string().contains("does not speak kms protocol v1"), "{err}");
+    assert!(
+        err.to_string().contains("does not speak kms protocol v1"),
+        "{err}"
+    );
 
-    let table: toml::Table = toml::from_str("command = [\"/bin/sleep\", \"60\"]\ntimeout = 0.5\n").unwrap();
-    let err = kms_client::exec::ExecProvider::open(&Context::default(), &table).err().unwrap();
-    assert!(err.to_string().contains("did not answer within 0.5s"), "{err}");
+    let table: toml::Table =
+        toml::from_str("command = [\"/bin/sleep\", \"60\"]\ntimeout = 0.5\n").unwrap();
+    let err = kms_client::exec::ExecProvider::open(&Context::default(), &table)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("did not answer within 0.5s"),
+        "{err}"
+    );
 
     let table: toml::Table = toml::from_str("command = []\n").unwrap();
-    let err = kms_client::exec::ExecProvider::open(&Context::default(), &table).err().unwrap();
+    let err = kms_client::exec::ExecProvider::open(&Context::default(), &table)
+        .err()
+        .unwrap();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig);
 }

@@ -11,7 +11,7 @@ use std::fmt;
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::KeyId;
 use crate::provider::{Capabilities, KeyProvider};
-use crate::secret::{Key, KeyInfo, KeyLen, KeySpec, SecretBytes};
+use crate::secret::{Key, KeyInfo, KeyLen, KeySpec, MAX_SECRET_LEN, SecretBytes};
 pub use crate::store::fingerprint_meta_name;
 use crate::store::{Inserted, Record, Rewrapped, Store};
 use crate::wrap::{KeyWrapper, hex_prefix};
@@ -298,25 +298,37 @@ impl KeyProvider for EnvelopeProvider {
 
     fn list(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
         let rows = self.with_name(self.store.list(prefix))?;
-        rows.into_iter()
-            .map(|row| {
-                let len = KeyLen::from_bytes(row.len as usize).ok_or_else(|| {
-                    let message = format!(
-                        "key \"{}\" is recorded with an impossible length of {} bytes",
-                        row.id, row.len
-                    );
-                    Error::new(ErrorKind::Corrupted, message)
-                        .with_key_id(&row.id)
-                        .with_backend(&self.name)
-                })?;
-                Ok(KeyInfo {
-                    id: row.id,
-                    version: row.version,
-                    len,
-                    created: row.created,
-                })
-            })
-            .collect()
+        let listed = rows.into_iter().map(|row| KeyInfo {
+            id: row.id,
+            version: row.version,
+            bytes: row.len,
+            created: row.created,
+        });
+        Ok(listed.collect())
+    }
+
+    fn import(&self, id: &KeyId, secret: &SecretBytes) -> Result<Key> {
+        self.with_name((|| {
+            if secret.is_empty() || secret.len() > MAX_SECRET_LEN {
+                let message = format!(
+                    "a secret has 1 to {MAX_SECRET_LEN} bytes, not {}",
+                    secret.len()
+                );
+                return Err(Error::new(ErrorKind::InvalidInput, message).with_key_id(id));
+            }
+            let wrapper = self.wrapper(self.writing, id)?;
+            let wrapped = wrapper.wrap(id, 1, secret)?;
+            let record = Record::new(1, self.writing, secret.len() as u32, wrapped);
+            match self.store.insert(id, record)? {
+                Inserted::Stored => Key::new(id.clone(), 1, secret.clone()),
+                Inserted::Exists(_) => Err(Error::already_exists(id)),
+                Inserted::RetiredKek => {
+                    let message =
+                        format!("secret \"{id}\" was not stored: the KEK was retired; reopen");
+                    Err(Error::new(ErrorKind::WrongKek, message).with_key_id(id))
+                }
+            }
+        })())
     }
 
     fn delete(&self, id: &KeyId) -> Result<()> {

@@ -56,6 +56,6 @@ pub mod wrap;
 pub use error::{Error, ErrorKind, Result};
 pub use id::{KeyId, MAX_KEY_ID_LEN, show_untrusted, validate_prefix};
 pub use provider::{Capabilities, KeyProvider};
-pub use secret::{Key, KeyInfo, KeyLen, KeySpec, SecretBytes};
+pub use secret::{Key, KeyInfo, KeyLen, KeySpec, MAX_SECRET_LEN, SecretBytes};
 /// The `toml` crate, whose `Table` carries provider options (re-exported for plugin authors).
 pub use toml;

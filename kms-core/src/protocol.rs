@@ -14,7 +14,7 @@ use base64::Engine;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::{KeyId, show_untrusted, validate_prefix};
-use crate::secret::{Key, KeyInfo, KeyLen, SecretBytes};
+use crate::secret::{Key, KeyInfo, KeyLen, MAX_SECRET_LEN, SecretBytes};
 
 /// The protocol version this code speaks.
 pub const VERSION: u32 = 1;
@@ -228,7 +228,7 @@ pub fn format_listed(info: &KeyInfo) -> String {
         "{} {} {} {}",
         info.id,
         info.version,
-        info.len.bits(),
+        info.bytes * 8,
         info.created
     )
 }
@@ -302,13 +302,13 @@ pub fn parse_listed(line: &str) -> Result<KeyInfo> {
         .next()
         .and_then(|f| f.parse().ok())
         .ok_or_else(malformed)?;
-    if fields.next().is_some() {
+    if fields.next().is_some() || bits == 0 || bits % 8 != 0 || bits / 8 > MAX_SECRET_LEN as u32 {
         return Err(malformed());
     }
     Ok(KeyInfo {
         id,
         version,
-        len: KeyLen::from_bits(bits)?,
+        bytes: bits / 8,
         created,
     })
 }
@@ -433,7 +433,7 @@ mod tests {
         let info = KeyInfo {
             id,
             version: 3,
-            len: KeyLen::Aes128,
+            bytes: 16,
             created: 17,
         };
         assert_eq!(parse_listed(&format_listed(&info)).unwrap(), info);

@@ -4,7 +4,7 @@ use std::fmt;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::KeyId;
-use crate::secret::{Key, KeyInfo, KeySpec};
+use crate::secret::{Key, KeyInfo, KeySpec, SecretBytes};
 
 /// What a provider can do beyond `get`, `create` and `get_or_create`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -94,6 +94,13 @@ pub trait KeyProvider: fmt::Display + Send + Sync {
         Err(Error::unsupported("key rotation").with_key_id(id))
     }
 
+    /// Stores a secret made elsewhere (a TLS key's passphrase, say) under `id` as version 1,
+    /// durable before it returns; [`ErrorKind::AlreadyExists`] if the id exists.
+    fn import(&self, id: &KeyId, secret: &SecretBytes) -> Result<Key> {
+        let _ = secret;
+        Err(Error::unsupported("importing secrets").with_key_id(id))
+    }
+
     /// The keys whose id starts with `prefix`, sorted by id. The empty prefix lists every key.
     fn list(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
         let _ = prefix;
@@ -129,6 +136,9 @@ impl<P: KeyProvider + ?Sized> KeyProvider for Box<P> {
     }
     fn list(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
         (**self).list(prefix)
+    }
+    fn import(&self, id: &KeyId, secret: &SecretBytes) -> Result<Key> {
+        (**self).import(id, secret)
     }
     fn delete(&self, id: &KeyId) -> Result<()> {
         (**self).delete(id)

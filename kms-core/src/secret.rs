@@ -127,7 +127,11 @@ impl KeySpec {
     }
 }
 
-/// A data encryption key: its id, its version and its secret bytes.
+/// The longest secret a key id may hold: generated keys have 16, 24 or 32 bytes; imported
+/// secrets (a TLS key's passphrase, say) have 1 to this many.
+pub const MAX_SECRET_LEN: usize = 1024;
+
+/// A data encryption key (or an imported secret): its id, its version and its secret bytes.
 ///
 /// `Debug` shows the id, the version and the length, never the bytes.
 #[derive(Clone, PartialEq, Eq)]
@@ -138,11 +142,11 @@ pub struct Key {
 }
 
 impl Key {
-    /// Assembles a key. The material must be 16, 24 or 32 bytes long.
+    /// Assembles a key. The material has 1 to [`MAX_SECRET_LEN`] bytes.
     pub fn new(id: KeyId, version: u32, material: SecretBytes) -> Result<Key, Error> {
-        if KeyLen::from_bytes(material.len()).is_none() {
+        if material.is_empty() || material.len() > MAX_SECRET_LEN {
             let message = format!(
-                "key \"{id}\" has {} bytes; a key has 16, 24 or 32",
+                "key \"{id}\" has {} bytes; a key or secret has 1 to {MAX_SECRET_LEN}",
                 material.len()
             );
             return Err(Error::new(ErrorKind::Corrupted, message).with_key_id(&id));
@@ -164,9 +168,19 @@ impl Key {
         self.version
     }
 
-    /// The key length.
-    pub fn len(&self) -> KeyLen {
-        KeyLen::from_bytes(self.material.len()).unwrap_or_default()
+    /// The length of the key in bytes (16, 24 or 32 for generated keys).
+    pub fn len(&self) -> usize {
+        self.material.len()
+    }
+
+    /// Never true: a key has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.material.is_empty()
+    }
+
+    /// The AES key length, if the key has one of the AES lengths.
+    pub fn aes_len(&self) -> Option<KeyLen> {
+        KeyLen::from_bytes(self.material.len())
     }
 
     /// The secret bytes of the key.
@@ -185,7 +199,7 @@ impl fmt::Debug for Key {
         f.debug_struct("Key")
             .field("id", &self.id)
             .field("version", &self.version)
-            .field("bits", &self.len().bits())
+            .field("bytes", &self.len())
             .finish_non_exhaustive()
     }
 }
@@ -197,8 +211,8 @@ pub struct KeyInfo {
     pub id: KeyId,
     /// The newest version.
     pub version: u32,
-    /// The length of the newest version.
-    pub len: KeyLen,
+    /// The length of the newest version in bytes (16, 24 or 32 for generated keys).
+    pub bytes: u32,
     /// When the newest version was created, in seconds since the Unix epoch (0 if unknown).
     pub created: u64,
 }
@@ -239,7 +253,12 @@ mod tests {
             KeyLen::from_bits(512).unwrap_err().kind(),
             ErrorKind::InvalidInput
         );
-        let err = Key::new(KeyId::new("a").unwrap(), 1, SecretBytes::copy_from(&[1; 7]));
+        let secret = Key::new(KeyId::new("a").unwrap(), 1, SecretBytes::copy_from(&[1; 7]));
+        assert_eq!(secret.unwrap().aes_len(), None);
+        let err = Key::new(KeyId::new("a").unwrap(), 1, SecretBytes::copy_from(&[]));
+        assert_eq!(err.unwrap_err().kind(), ErrorKind::Corrupted);
+        let too_long = SecretBytes::copy_from(&[1; MAX_SECRET_LEN + 1]);
+        let err = Key::new(KeyId::new("a").unwrap(), 1, too_long);
         assert_eq!(err.unwrap_err().kind(), ErrorKind::Corrupted);
     }
 }

@@ -28,7 +28,7 @@ use zeroize::Zeroizing;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::KeyId;
-use crate::secret::SecretBytes;
+use crate::secret::{MAX_SECRET_LEN, SecretBytes};
 
 /// Length of the id-and-version binding placed before the DEK.
 pub const BINDING_LEN: usize = 16;
@@ -113,24 +113,24 @@ impl KeyWrapper for Kek {
     }
 
     fn wrap(&self, id: &KeyId, version: u32, dek: &SecretBytes) -> Result<Vec<u8>> {
-        // 1. Plaintext: the binding, then the key.
-        let mut plain = Zeroizing::new([0u8; BINDING_LEN + 64]);
-        let plain_len = BINDING_LEN + dek.len();
-        if dek.len() > 64 {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "a key to wrap has at most 64 bytes",
-            ));
+        if dek.is_empty() || dek.len() > MAX_SECRET_LEN {
+            let message = format!("a key to wrap has 1 to {MAX_SECRET_LEN} bytes");
+            return Err(Error::new(ErrorKind::InvalidInput, message));
         }
-        plain[..BINDING_LEN].copy_from_slice(&binding(id, version));
-        plain[BINDING_LEN..plain_len].copy_from_slice(dek.expose_secret());
 
-        // 2. RFC 5649 wrap.
-        let mut out = vec![0u8; wrapped_len(dek.len())];
-        self.kwp
-            .wrap_key(&plain[..plain_len], &mut out)
-            .map_err(|e| Error::new(ErrorKind::Other, format!("key wrap failed: {e}")))?;
-        Ok(out)
+        // 1. Plaintext: the binding, then the key (on the stack for the usual key sizes).
+        let plain_len = BINDING_LEN + dek.len();
+        with_buffer(plain_len, |plain| {
+            plain[..BINDING_LEN].copy_from_slice(&binding(id, version));
+            plain[BINDING_LEN..].copy_from_slice(dek.expose_secret());
+
+            // 2. RFC 5649 wrap.
+            let mut out = vec![0u8; wrapped_len(dek.len())];
+            self.kwp
+                .wrap_key(plain, &mut out)
+                .map_err(|e| Error::new(ErrorKind::Other, format!("key wrap failed: {e}")))?;
+            Ok(out)
+        })
     }
 
     fn unwrap(&self, id: &KeyId, version: u32, wrapped: &[u8]) -> Result<SecretBytes> {
@@ -140,29 +140,41 @@ impl KeyWrapper for Kek {
         };
 
         // 1. RFC 5649 unwrap, which checks the integrity value and the padding.
-        if wrapped.len() < 16 || wrapped.len() > BINDING_LEN + 64 + 8 || wrapped.len() % 8 != 0 {
+        let max = wrapped_len(MAX_SECRET_LEN);
+        if wrapped.len() < 16 || wrapped.len() > max || wrapped.len() % 8 != 0 {
             return Err(corrupted(&format!(
                 "has an impossible length of {} bytes",
                 wrapped.len()
             )));
         }
-        let mut plain = Zeroizing::new([0u8; BINDING_LEN + 64]);
-        let plain = self
-            .kwp
-            .unwrap_key(wrapped, &mut plain[..wrapped.len() - 8])
-            .map_err(|_| {
+        with_buffer(wrapped.len() - 8, |buf| {
+            let plain = self.kwp.unwrap_key(wrapped, buf).map_err(|_| {
                 corrupted("fails its integrity check (altered, or wrapped by another key)")
             })?;
 
-        // 2. The binding must be the one of this id and version.
-        if plain.len() < BINDING_LEN {
-            return Err(corrupted("is too short to hold a key"));
-        }
-        let (bound, dek) = plain.split_at(BINDING_LEN);
-        if !constant_time_eq(bound, &binding(id, version)) {
-            return Err(corrupted("belongs to another key id or version"));
-        }
-        Ok(SecretBytes::copy_from(dek))
+            // 2. The binding must be the one of this id and version.
+            if plain.len() <= BINDING_LEN {
+                return Err(corrupted("is too short to hold a key"));
+            }
+            let (bound, dek) = plain.split_at(BINDING_LEN);
+            if !constant_time_eq(bound, &binding(id, version)) {
+                return Err(corrupted("belongs to another key id or version"));
+            }
+            Ok(SecretBytes::copy_from(dek))
+        })
+    }
+}
+
+/// Runs `f` on a zeroed buffer of `len` bytes that is zeroized afterwards: on the stack for
+/// keys of up to 64 bytes (every generated key), on the heap for longer imported secrets.
+fn with_buffer<T>(len: usize, f: impl FnOnce(&mut [u8]) -> Result<T>) -> Result<T> {
+    const STACK: usize = BINDING_LEN + 64;
+    if len <= STACK {
+        let mut buf = Zeroizing::new([0u8; STACK]);
+        f(&mut buf[..len])
+    } else {
+        let mut buf = Zeroizing::new(vec![0u8; len]);
+        f(&mut buf)
     }
 }
 

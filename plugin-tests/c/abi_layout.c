@@ -9,6 +9,7 @@
 int main(void) {
     printf("size.table %zu\n", sizeof(KmsProviderV1Table));
     printf("size.revision_1 %zu\n", (size_t)KMS_PROVIDER_V1_REVISION_1_SIZE);
+    printf("size.revision_2 %zu\n", (size_t)KMS_PROVIDER_V1_REVISION_2_SIZE);
     printf("size.option %zu\n", sizeof(KmsOption));
     printf("size.key %zu\n", sizeof(KmsKey));
     printf("size.key_info %zu\n", sizeof(KmsKeyInfo));
@@ -20,6 +21,7 @@ int main(void) {
     FIELD(open); FIELD(init); FIELD(get); FIELD(create); FIELD(get_or_create); FIELD(list);
     FIELD(delete_key); FIELD(capabilities); FIELD(free_key); FIELD(close); FIELD(last_error);
     FIELD(get_version); FIELD(rotate); FIELD(display_name);
+    FIELD(import);
     CONST(KMS_ABI_VERSION); CONST(KMS_OK); CONST(KMS_ERR_OTHER); CONST(KMS_MESSAGE_CAP);
     CONST(KMS_ERR_NOT_FOUND); CONST(KMS_ERR_ALREADY_EXISTS); CONST(KMS_ERR_INVALID_KEY_ID);
     CONST(KMS_ERR_INVALID_INPUT); CONST(KMS_ERR_WRONG_KEK); CONST(KMS_ERR_WRONG_PASSPHRASE);

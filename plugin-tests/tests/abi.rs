@@ -43,7 +43,8 @@ fn the_c_header_and_abi_rs_agree() {
     let fact = |name: &str| facts[name] as usize;
 
     assert_eq!(fact("size.table"), size_of::<KmsProviderV1Table>());
-    assert_eq!(fact("size.table"), abi::TABLE_SIZE_REVISION_2);
+    assert_eq!(fact("size.table"), abi::TABLE_SIZE_REVISION_3);
+    assert_eq!(fact("size.revision_2"), abi::TABLE_SIZE_REVISION_2);
     assert_eq!(fact("size.revision_1"), abi::TABLE_SIZE_REVISION_1);
     assert_eq!(fact("size.option"), size_of::<KmsOption>());
     assert_eq!(fact("size.key"), size_of::<KmsKey>());
@@ -80,7 +81,8 @@ fn the_c_header_and_abi_rs_agree() {
         last_error,
         get_version,
         rotate,
-        display_name
+        display_name,
+        import
     );
 
     assert_eq!(

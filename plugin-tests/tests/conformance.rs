@@ -57,7 +57,7 @@ fn mock_plugin_conforms() {
         (plugin.name(), plugin.version(), plugin.abi_version()),
         ("mock", env!("CARGO_PKG_VERSION"), 1)
     );
-    assert_eq!(plugin.revision(), 2);
+    assert_eq!(plugin.revision(), 3);
     assert!(!plugin.has_init());
 }
 
@@ -119,7 +119,7 @@ fn c_example_plugin_conforms() {
     );
     let plugin = Plugin::load(&path).unwrap();
     assert_eq!((plugin.name(), plugin.version()), ("c-example", "0.1.0"));
-    assert_eq!(plugin.revision(), 2);
+    assert_eq!(plugin.revision(), 3);
 
     let provider = open_plugin(&path, dir.path(), "label = \"conformance\"").unwrap();
     assert_conforms(provider.as_ref());

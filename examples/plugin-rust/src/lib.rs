@@ -207,7 +207,7 @@ impl KeyProvider for DirProvider {
         for (id, version) in newest {
             let key = self.named(self.read(&id, version))?;
             listed.push(KeyInfo {
-                len: key.len(),
+                bytes: key.len() as u32,
                 id,
                 version,
                 created: 0,

@@ -97,7 +97,8 @@ pub struct KmsKeyInfo {
     pub id_len: usize,
     /// The newest version.
     pub version: u32,
-    /// The newest version's length in bytes: 16, 24 or 32.
+    /// The newest version's length in bytes: 16, 24 or 32 for keys, 1 to 1024 for imported
+    /// secrets.
     pub key_len: u32,
     /// When the newest version was made, in seconds since the Unix epoch; 0 if unknown.
     pub created: u64,
@@ -166,6 +167,18 @@ pub type GetVersionFn = unsafe extern "C" fn(
     key: *mut KmsKey,
 ) -> i32;
 
+/// `import(handle, id, id_len, secret, secret_len, &key)`: stores a secret of 1 to
+/// [`crate::MAX_SECRET_LEN`] bytes as version 1, or `KMS_ERR_ALREADY_EXISTS`. The host owns
+/// `secret`; the plugin copies it.
+pub type ImportFn = unsafe extern "C" fn(
+    handle: *mut c_void,
+    id: *const c_char,
+    id_len: usize,
+    secret: *const u8,
+    secret_len: usize,
+    key: *mut KmsKey,
+) -> i32;
+
 /// `list(handle, prefix, prefix_len, callback, context)`.
 pub type ListFn = unsafe extern "C" fn(
     handle: *mut c_void,
@@ -192,8 +205,8 @@ pub type CloseFn = unsafe extern "C" fn(handle: *mut c_void);
 /// bytes of text into `buf` and return the text's full length.
 pub type TextFn = unsafe extern "C" fn(handle: *mut c_void, buf: *mut c_char, cap: usize) -> usize;
 
-/// The function table a plugin's `kms_provider_entry` returns, as of revision 2 of ABI
-/// version 1. Fields after `last_error` were appended in revision 2.
+/// The function table a plugin's `kms_provider_entry` returns, as of revision 3 of ABI
+/// version 1. Fields after `last_error` were appended in revision 2, `import` in revision 3.
 #[repr(C)]
 #[derive(Debug)]
 pub struct KmsProviderV1Table {
@@ -235,6 +248,9 @@ pub struct KmsProviderV1Table {
     pub rotate: Option<CreateFn>,
     /// Revision 2. May be NULL: the host names the provider `<name> plugin (<path>)`.
     pub display_name: Option<TextFn>,
+
+    /// Revision 3. May be NULL: importing secrets is unsupported.
+    pub import: Option<ImportFn>,
 }
 
 // SAFETY: a table is immutable static data: integers, pointers to static NUL-terminated strings
@@ -245,8 +261,11 @@ unsafe impl Sync for KmsProviderV1Table {}
 /// The size of the revision 1 table: the smallest table the host accepts.
 pub const TABLE_SIZE_REVISION_1: usize = offset_of!(KmsProviderV1Table, get_version);
 
-/// The size of the current (revision 2) table.
-pub const TABLE_SIZE_REVISION_2: usize = size_of::<KmsProviderV1Table>();
+/// The size of a revision 2 table.
+pub const TABLE_SIZE_REVISION_2: usize = offset_of!(KmsProviderV1Table, import);
+
+/// The size of the current (revision 3) table.
+pub const TABLE_SIZE_REVISION_3: usize = size_of::<KmsProviderV1Table>();
 
 /// The signature of `kms_provider_entry`.
 pub type EntryFn = unsafe extern "C" fn() -> *const KmsProviderV1Table;
@@ -414,5 +433,6 @@ mod tests {
     fn revision_sizes_on_lp64() {
         assert_eq!(TABLE_SIZE_REVISION_1, 8 + 2 * 8 + 11 * 8);
         assert_eq!(TABLE_SIZE_REVISION_2, TABLE_SIZE_REVISION_1 + 3 * 8);
+        assert_eq!(TABLE_SIZE_REVISION_3, TABLE_SIZE_REVISION_2 + 8);
     }
 }

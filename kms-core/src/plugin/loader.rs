@@ -36,6 +36,7 @@ use crate::config::{Config, Context};
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::{KeyId, MAX_KEY_ID_LEN};
 use crate::provider::{Capabilities, KeyProvider};
+use crate::secret::MAX_SECRET_LEN;
 use crate::secret::{Key, KeyInfo, KeyLen, KeySpec, SecretBytes};
 
 /// The file name of the plugin of provider `name`: `libkms_<name>.so`, with any `-` in the name
@@ -178,6 +179,7 @@ struct Functions {
     get_version: Option<abi::GetVersionFn>,
     rotate: Option<abi::CreateFn>,
     display_name: Option<abi::TextFn>,
+    import: Option<abi::ImportFn>,
 }
 
 /// A loaded plugin library: its checked table, ready to open providers.
@@ -392,6 +394,7 @@ impl Plugin {
             get_version: field!(table, size, get_version).flatten(),
             rotate: field!(table, size, rotate).flatten(),
             display_name: field!(table, size, display_name).flatten(),
+            import: field!(table, size, import).flatten(),
         };
         Ok(Plugin {
             inner: Arc::new(Loaded {
@@ -429,12 +432,12 @@ impl Plugin {
         self.inner.table_size
     }
 
-    /// The newest revision of ABI version 1 the plugin's table covers fully (1 or 2).
+    /// The newest revision of ABI version 1 the plugin's table covers fully (1, 2 or 3).
     pub fn revision(&self) -> u32 {
-        if self.inner.table_size >= abi::TABLE_SIZE_REVISION_2 {
-            2
-        } else {
-            1
+        match self.inner.table_size {
+            size if size >= abi::TABLE_SIZE_REVISION_3 => 3,
+            size if size >= abi::TABLE_SIZE_REVISION_2 => 2,
+            _ => 1,
         }
     }
 
@@ -753,17 +756,17 @@ unsafe extern "C" fn list_entry(context: *mut c_void, info: *const KmsKeyInfo) -
             return 1;
         }
     };
-    let Some(len) = KeyLen::from_bytes(info.key_len as usize) else {
+    if info.key_len == 0 || info.key_len as usize > MAX_SECRET_LEN {
         listing.error = Some(format!(
             "list reported key \"{id}\" with {} bytes",
             info.key_len
         ));
         return 1;
-    };
+    }
     listing.keys.push(KeyInfo {
         id,
         version: info.version,
-        len,
+        bytes: info.key_len,
         created: info.created,
     });
     KMS_OK
@@ -836,9 +839,9 @@ impl PluginProvider {
         let copied = if out.ptr.is_null() {
             None
         } else {
-            let material = (out.len <= 32).then(|| {
+            let material = (out.len <= MAX_SECRET_LEN).then(|| {
                 // SAFETY: the plugin returned `len` readable bytes at `ptr`, valid until
-                // `free_key`; `len` is at most 32.
+                // `free_key`; `len` is at most MAX_SECRET_LEN.
                 SecretBytes::copy_from(unsafe { std::slice::from_raw_parts(out.ptr, out.len) })
             });
             // SAFETY: the buffer came from this plugin and handle, and is released once.
@@ -855,7 +858,7 @@ impl PluginProvider {
             return Err(self.misbehaved(id, message));
         };
         let material = match material {
-            Some(material) if KeyLen::from_bytes(len).is_some() => material,
+            Some(material) if (1..=MAX_SECRET_LEN).contains(&len) => material,
             _ => {
                 let message = format!("{operation} returned a key of {len} bytes");
                 return Err(self.misbehaved(id, message));
@@ -942,6 +945,28 @@ impl KeyProvider for PluginProvider {
         self.key_call("rotate", id, Some(spec.len), |handle, c_id, out| {
             // SAFETY: as in `get`.
             unsafe { rotate(handle, c_id.ptr(), c_id.len, spec.len.bytes() as u32, out) }
+        })
+    }
+
+    fn import(&self, id: &KeyId, secret: &SecretBytes) -> Result<Key> {
+        let Some(import) = self.functions().import else {
+            return Err(Error::unsupported("importing secrets")
+                .with_key_id(id)
+                .with_backend(&self.display));
+        };
+        let bytes = secret.expose_secret();
+        self.key_call("import", id, None, |handle, c_id, out| {
+            // SAFETY: as in `get`; `bytes` stays alive and readable during the call.
+            unsafe {
+                import(
+                    handle,
+                    c_id.ptr(),
+                    c_id.len,
+                    bytes.as_ptr(),
+                    bytes.len(),
+                    out,
+                )
+            }
         })
     }
 

@@ -261,7 +261,7 @@ pub const fn table(
     assert!(matches!(version, [_, .., 0]), "the version must end in NUL");
     KmsProviderV1Table {
         abi_version: KMS_ABI_VERSION,
-        table_size: abi::TABLE_SIZE_REVISION_2 as u32,
+        table_size: abi::TABLE_SIZE_REVISION_3 as u32,
         name: name.as_ptr().cast(),
         version: version.as_ptr().cast(),
         open: Some(open),
@@ -278,6 +278,7 @@ pub const fn table(
         get_version: Some(get_version),
         rotate: Some(rotate),
         display_name: Some(display_name),
+        import: Some(import),
     }
 }
 
@@ -445,6 +446,30 @@ unsafe extern "C" fn rotate(
     })
 }
 
+unsafe extern "C" fn import(
+    handle: *mut c_void,
+    id: *const c_char,
+    id_len: usize,
+    secret: *const u8,
+    secret_len: usize,
+    key: *mut KmsKey,
+) -> i32 {
+    guard("import", || {
+        // SAFETY: as in `get`; the host passes `secret_len` readable bytes at `secret`.
+        unsafe {
+            let id = key_id(id, id_len)?;
+            if secret.is_null() || secret_len == 0 || secret_len > crate::MAX_SECRET_LEN {
+                let message = format!("a secret has 1 to {} bytes", crate::MAX_SECRET_LEN);
+                return Err(Error::new(ErrorKind::InvalidInput, message));
+            }
+            let material =
+                crate::SecretBytes::copy_from(std::slice::from_raw_parts(secret, secret_len));
+            let made = provider(handle)?.import(&id, &material)?;
+            put_key(key, &made)
+        }
+    })
+}
+
 unsafe extern "C" fn list(
     handle: *mut c_void,
     prefix: *const c_char,
@@ -466,7 +491,7 @@ unsafe extern "C" fn list(
                 id: id.as_ptr().cast(),
                 id_len: id.len(),
                 version: entry.version,
-                key_len: entry.len.bytes() as u32,
+                key_len: entry.bytes,
                 created: entry.created,
             };
             // SAFETY: the host's callback takes its own context and an entry that lives across

@@ -230,7 +230,10 @@ fn main() -> Result<()> {
             let (child, socket) = spawn_kmsd(dir, args.cache_size)?;
             (Spawned(Some(child)), socket)
         }
-        None => (Spawned(None), args.socket.clone().expect("clap requires --socket")),
+        None => (
+            Spawned(None),
+            args.socket.clone().expect("clap requires --socket"),
+        ),
     };
 
     // 1. Keys for `get` exist and are cached before timing starts.

@@ -36,8 +36,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kms_core::config::{self, Registered};
 use kms_core::{
-    Capabilities, Error, ErrorKind, Key, KeyId, KeyInfo, KeyLen, KeyProvider, KeySpec, Result,
-    SecretBytes,
+    Capabilities, Error, ErrorKind, Key, KeyId, KeyInfo, KeyProvider, KeySpec, Result, SecretBytes,
 };
 use serde::Deserialize;
 
@@ -389,7 +388,7 @@ impl KeyProvider for MockProvider {
                 KeyInfo {
                     id: id.clone(),
                     version: versions.len() as u32,
-                    len: KeyLen::from_bytes(newest.material.len()).unwrap_or_default(),
+                    bytes: newest.material.len() as u32,
                     created: newest.created,
                 }
             })
