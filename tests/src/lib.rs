@@ -213,6 +213,38 @@ pub fn file_config(dir: &Path) -> String {
     )
 }
 
+/// `text` as a TOML basic string, quoted and escaped.
+pub fn toml_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The configuration text of a command provider in `dir` unlocked by `passphrase_command`,
+/// with `iterations` PBKDF2 iterations for new slots.
+///
+/// Plugins next to the executable are not searched, so that `kms` runs the command provider
+/// linked into it, built from this workspace's sources, rather than a `libkms_command.so` that
+/// may be older.
+pub fn command_config(dir: &Path, passphrase_command: &str, iterations: u32) -> String {
+    format!(
+        "[provider]\nname = \"command\"\n[provider.options]\ndir = {}\n\
+         passphrase_command = {}\ntimeout = 10\niterations = {iterations}\n\
+         [plugins]\nnext_to_executable = false\n",
+        toml_string(&dir.display().to_string()),
+        toml_string(passphrase_command),
+    )
+}
+
 impl Kms {
     /// A new, initialised store (`kms --config FILE init`).
     pub fn new() -> Kms {
@@ -562,6 +594,21 @@ mod tests {
         assert_eq!(parse_id(r#""""#), b"");
         assert_eq!(parse_id(r#""k" * 3"#), b"kkk");
         assert_eq!(parse_id(r#""\x01\0\\\"""#), b"\x01\0\\\"");
+    }
+
+    #[test]
+    fn toml_strings_round_trip() {
+        for text in [
+            "printf pw",
+            "printf 'pw\\r\\n'",
+            "a\"b\\c",
+            "tab\there",
+            "nul\0",
+        ] {
+            let doc = format!("x = {}", toml_string(text));
+            let table: toml::Table = doc.parse().unwrap();
+            assert_eq!(table["x"].as_str(), Some(text), "{doc}");
+        }
     }
 
     #[test]
