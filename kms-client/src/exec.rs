@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use kms_core::config::{self, Context, Registered};
 use kms_core::protocol::Request;
-use kms_core::{Capabilities, Error, ErrorKind, Key, KeyId, KeyInfo, KeyProvider, KeySpec, Result};
+use kms_core::{Error, ErrorKind, Key, KeyId, KeyInfo, KeyProvider, KeySpec, Result};
 use serde::Deserialize;
 
 use crate::Client;
@@ -174,33 +174,4 @@ impl fmt::Display for ExecProvider {
     }
 }
 
-impl KeyProvider for ExecProvider {
-    fn get(&self, id: &KeyId) -> Result<Key> {
-        self.with(|c| c.key(&Request::Get(id.clone())))
-    }
-    fn create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
-        self.with(|c| c.key(&Request::Create(id.clone(), spec.len)))
-    }
-    fn get_or_create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
-        self.with(|c| c.key(&Request::GetOrCreate(id.clone(), spec.len)))
-    }
-    fn get_version(&self, id: &KeyId, version: u32) -> Result<Key> {
-        self.with(|c| c.key(&Request::GetVersion(id.clone(), version)))
-    }
-    fn rotate(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
-        self.with(|c| c.key(&Request::Rotate(id.clone(), spec.len)))
-    }
-    fn list(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
-        self.with(|c| c.list(prefix))
-    }
-    fn delete(&self, id: &KeyId) -> Result<()> {
-        self.with(|c| {
-            c.call(&Request::Delete(id.clone()))
-                .map(|_| ())
-                .map_err(|e| e.with_key_id(id))
-        })
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::ALL
-    }
-}
+crate::protocol_provider!(ExecProvider);

@@ -29,10 +29,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use kms_core::protocol::{self, Answer, Request};
-use kms_core::{
-    Capabilities, Error, ErrorKind, Key, KeyId, KeyInfo, KeyProvider, KeySpec, Result,
-    show_untrusted,
-};
+use kms_core::{Error, ErrorKind, Key, KeyId, KeyInfo, KeySpec, Result, show_untrusted};
 use zeroize::Zeroizing;
 
 /// The longest answer line read, in bytes.
@@ -318,36 +315,47 @@ impl fmt::Display for RemoteProvider {
     }
 }
 
-impl KeyProvider for RemoteProvider {
-    fn get(&self, id: &KeyId) -> Result<Key> {
-        self.with(|c| c.key(&Request::Get(id.clone())))
-    }
-    fn create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
-        self.with(|c| c.key(&Request::Create(id.clone(), spec.len)))
-    }
-    fn get_or_create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
-        self.with(|c| c.key(&Request::GetOrCreate(id.clone(), spec.len)))
-    }
-    fn get_version(&self, id: &KeyId, version: u32) -> Result<Key> {
-        self.with(|c| c.key(&Request::GetVersion(id.clone(), version)))
-    }
-    fn rotate(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
-        self.with(|c| c.key(&Request::Rotate(id.clone(), spec.len)))
-    }
-    fn list(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
-        self.with(|c| c.list(prefix))
-    }
-    fn delete(&self, id: &KeyId) -> Result<()> {
-        self.with(|c| {
-            c.call(&Request::Delete(id.clone()))
-                .map(|_| ())
-                .map_err(|e| e.with_key_id(id))
-        })
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::ALL
-    }
+/// Implements [`KeyProvider`] for a type with a method
+/// `with<T>(&self, f: impl FnOnce(&mut Client) -> Result<T>) -> Result<T>` that runs `f` on its
+/// connection: every operation is one protocol v1 request.
+macro_rules! protocol_provider {
+    ($provider:ty) => {
+        impl kms_core::KeyProvider for $provider {
+            fn get(&self, id: &KeyId) -> Result<Key> {
+                self.with(|c| c.key(&Request::Get(id.clone())))
+            }
+            fn create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+                self.with(|c| c.key(&Request::Create(id.clone(), spec.len)))
+            }
+            fn get_or_create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+                self.with(|c| c.key(&Request::GetOrCreate(id.clone(), spec.len)))
+            }
+            fn get_version(&self, id: &KeyId, version: u32) -> Result<Key> {
+                self.with(|c| c.key(&Request::GetVersion(id.clone(), version)))
+            }
+            fn rotate(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+                self.with(|c| c.key(&Request::Rotate(id.clone(), spec.len)))
+            }
+            fn list(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
+                self.with(|c| c.list(prefix))
+            }
+            fn delete(&self, id: &KeyId) -> Result<()> {
+                self.with(|c| {
+                    c.call(&Request::Delete(id.clone()))
+                        .map(|_| ())
+                        .map_err(|e| e.with_key_id(id))
+                })
+            }
+            fn capabilities(&self) -> kms_core::Capabilities {
+                // The peer answers `ERR unsupported` for what its provider cannot do.
+                kms_core::Capabilities::ALL
+            }
+        }
+    };
 }
+pub(crate) use protocol_provider;
+
+protocol_provider!(RemoteProvider);
 
 /// The socket path from `--socket` or `KMS_SOCKET`, if any.
 pub fn socket_from_env() -> Option<PathBuf> {
