@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use kms_core::KeyId;
 use kms_core::KeyProvider;
-use kms_tests::{Kms, Rng, Run, exit_code, kms_bin, kms_command, parse_hex_line};
+use kms_tests::{
+    Kms, Rng, Run, exit_code, kms_bin, kms_command, parse_hex_line, wait_for_group_exit,
+};
 use rustix::process::{Pid, Signal, kill_process, kill_process_group};
 
 /// Reads every listed key in-process and checks the acknowledged ones.
@@ -81,6 +83,7 @@ fn sigkill_of_a_create_loop_loses_no_acknowledged_key() {
         sleep(Duration::from_millis(rng.range(50, 400)));
         kill_process_group(Pid::from_child(&child), Signal::KILL).expect("kill the loop");
         let status = child.wait().unwrap();
+        wait_for_group_exit(child.id());
         assert_eq!(exit_code(status), 128 + 9, "the loop ended by itself");
 
         // No create failed: the only one that did not finish is the one killed, silently.
@@ -166,6 +169,7 @@ fn sigkill_of_a_rotate_loop_loses_no_acknowledged_version() {
         sleep(Duration::from_millis(rng.range(50, 400)));
         kill_process_group(Pid::from_child(&child), Signal::KILL).expect("kill the loop");
         child.wait().unwrap();
+        wait_for_group_exit(child.id());
 
         let acked: Vec<Vec<u8>> = fs::read_to_string(&log)
             .unwrap_or_default()
