@@ -27,25 +27,18 @@ Exit status:
 #[derive(Parser, Debug)]
 #[command(name = "kms", version, after_help = EXIT_CODES)]
 struct Cli {
-    /// The configuration file (TOML) naming the provider.
-    #[arg(
-        long,
-        short = 'c',
-        env = "KMS_CONFIG",
-        global = true,
-        value_name = "FILE"
-    )]
+    /// The configuration file (TOML) naming the provider [env: KMS_CONFIG].
+    #[arg(long, short = 'c', global = true, value_name = "FILE")]
     config: Option<PathBuf>,
 
     /// Use the file provider in DIR, initialised on first use (for trying kms out).
     #[arg(long, global = true, value_name = "DIR", conflicts_with = "config")]
     dev: Option<PathBuf>,
 
-    /// Ask kmsd on this Unix socket instead of opening a provider in-process.
+    /// Ask kmsd on this Unix socket instead of opening a provider in-process [env: KMS_SOCKET].
     #[arg(
         long,
         short = 's',
-        env = "KMS_SOCKET",
         global = true,
         value_name = "PATH",
         conflicts_with_all = ["config", "dev"]
@@ -169,9 +162,9 @@ enum SlotCommand {
 
 #[derive(clap::Args, Debug)]
 struct SpecArgs {
-    /// Key length in bits.
-    #[arg(long, default_value = "256", value_parser = parse_bits)]
-    bits: KeyLen,
+    /// Key length in bits: 128, 192 or 256 [default: 256; for rotate, the current length].
+    #[arg(long, value_parser = parse_bits)]
+    bits: Option<KeyLen>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -229,14 +222,26 @@ fn usage(message: impl Into<String>) -> Failure {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            // --help and --version exit 0; usage errors exit 2.
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // A usage error: one line, like every other error, then a pointer to --help.
+            let text = e.render().to_string();
+            let line = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("invalid usage");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("kms: {line}; see kms --help");
+            return ExitCode::from(2);
         }
     };
+    apply_environment(&mut cli);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
@@ -246,8 +251,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Fills in what the command line left open from the environment. Options on the command line
+/// win; then `KMS_SOCKET` is where keys are asked for, and `KMS_CONFIG` is the configuration of
+/// the commands that work on a provider's storage (`init`, `slot`, `rotate-kek`), and of every
+/// command when `KMS_SOCKET` is not set.
+fn apply_environment(cli: &mut Cli) {
+    if cli.config.is_some() || cli.dev.is_some() || cli.socket.is_some() {
+        return;
+    }
+    cli.socket = std::env::var_os("KMS_SOCKET")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    cli.config = std::env::var_os("KMS_CONFIG")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+}
+
 fn load_config(cli: &Cli) -> Result<Config, Failure> {
-    if cli.socket.is_some() {
+    if cli.socket.is_some() && cli.config.is_none() {
         return Err(usage(
             "this command works on a provider's storage, not through kmsd: use --config",
         ));
@@ -304,7 +325,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::Create { id, spec, format } => {
             let id = key_id(id)?;
             format.format.check_terminal()?;
-            let key = open(&cli, &registry)?.create(&id, KeySpec::new(spec.bits))?;
+            let key =
+                open(&cli, &registry)?.create(&id, KeySpec::new(spec.bits.unwrap_or_default()))?;
             output::print_key(&key, format.format)?;
         }
         Command::Get {
@@ -324,13 +346,20 @@ fn run(cli: Cli) -> Result<(), Failure> {
         Command::GetOrCreate { id, spec, format } => {
             let id = key_id(id)?;
             format.format.check_terminal()?;
-            let key = open(&cli, &registry)?.get_or_create(&id, KeySpec::new(spec.bits))?;
+            let key = open(&cli, &registry)?
+                .get_or_create(&id, KeySpec::new(spec.bits.unwrap_or_default()))?;
             output::print_key(&key, format.format)?;
         }
         Command::Rotate { id, spec, format } => {
             let id = key_id(id)?;
             format.format.check_terminal()?;
-            let key = open(&cli, &registry)?.rotate(&id, KeySpec::new(spec.bits))?;
+            let provider = open(&cli, &registry)?;
+            // A new version keeps the key's length unless --bits says otherwise.
+            let len = match spec.bits {
+                Some(len) => len,
+                None => provider.get(&id)?.aes_len().unwrap_or_default(),
+            };
+            let key = provider.rotate(&id, KeySpec::new(len))?;
             output::print_key(&key, format.format)?;
         }
         Command::List { prefix } => {

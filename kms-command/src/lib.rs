@@ -551,6 +551,14 @@ pub fn remove_slot(options: &Options, slot: &str) -> Result<String> {
             );
             return Err(Error::new(ErrorKind::InvalidInput, message));
         }
+        if unlocked.slot == slot {
+            let message = format!(
+                "refusing to remove slot \"{slot}\": it is the one the configured \
+                 passphrase_command opens, so kms could not open the store afterwards; \
+                 configure another slot's passphrase first"
+            );
+            return Err(Error::new(ErrorKind::InvalidInput, message));
+        }
         let mut delete = vec![kdf_meta(slot)];
         delete.extend(
             unlocked

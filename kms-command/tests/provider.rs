@@ -287,7 +287,17 @@ fn slots_add_change_remove() {
     let err = kms_command::remove_slot(&renewed, "primary").unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
     assert!(err.to_string().contains("last one"), "{err}");
-    let err = kms_command::set_slot(&renewed, "../x", SlotChange::Add, &secret("a"));
+    // With two slots, the one the configured command opens cannot go: kms would be locked out.
+    kms_command::set_slot(&renewed, "recovery", SlotChange::Add, &secret("rec")).unwrap();
+    let err = kms_command::remove_slot(&renewed, "primary").unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("the configured passphrase_command opens"),
+        "{err}"
+    );
+    kms_command::remove_slot(&recovery, "primary").unwrap();
+    assert_eq!(kms_command::open(&recovery).unwrap().get(&id).unwrap(), key);
+    let err = kms_command::set_slot(&recovery, "../x", SlotChange::Add, &secret("a"));
     assert_eq!(err.unwrap_err().kind(), ErrorKind::InvalidInput);
 }
 

@@ -44,7 +44,12 @@ pub fn serve(
     wake: &UnixStream,
     on_ready: impl FnOnce(&Path),
 ) -> Result<()> {
-    // 1. The socket and the shared state.
+    // 1. The audit log first (a bad path fails before the socket exists), then the socket.
+    let audit = settings
+        .audit_log
+        .as_deref()
+        .map(audit::AuditLog::open)
+        .transpose()?;
     let (listener, bound) = match listen {
         Listen::Inherited(listener) => (listener, None),
         Listen::Bind => {
@@ -52,11 +57,6 @@ pub fn serve(
             (listener, file_identity(&settings.socket))
         }
     };
-    let audit = settings
-        .audit_log
-        .as_deref()
-        .map(audit::AuditLog::open)
-        .transpose()?;
     let socket = settings.socket.clone();
     let shared = Arc::new(Shared::new(provider, settings, audit));
     let sweeper = start_sweeper(Arc::clone(&shared));

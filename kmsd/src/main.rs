@@ -106,9 +106,15 @@ fn run(args: Args) -> Result<()> {
     let dev = args.dev.clone();
     kmsd::serve(provider, settings, listen, &wake_rx, |socket| {
         if let Some(dir) = &dev {
+            // The kms binary built beside kmsd, if there is one; else whatever `kms` is on PATH.
+            let beside = std::env::current_exe().map(|exe| exe.with_file_name("kms"));
+            let kms = match beside {
+                Ok(path) if path.is_file() => path.display().to_string(),
+                _ => "kms".to_string(),
+            };
             println!(
                 "kmsd: serving the file provider in {} on {}\n\
-                 kmsd: try: kms --socket {} get-or-create demo/key",
+                 kmsd: try: {kms} --socket {} get-or-create demo/key",
                 dir.display(),
                 socket.display(),
                 socket.display()

@@ -327,7 +327,9 @@ fn handle_line(line: &[u8], shared: &Shared, peer: Peer) -> Answer {
         Ok(_) => "ok",
         Err(e) => e.kind().code(),
     };
-    if !matches!(request, Request::Ping | Request::Stats) {
+    // Key operations are audited, and so is every refusal.
+    let denied = matches!(&result, Err(e) if e.kind() == ErrorKind::Denied);
+    if denied || !matches!(request, Request::Ping | Request::Stats) {
         if let Some(audit) = &shared.audit {
             let shown = match &request {
                 Request::List(prefix) => format!("{prefix}*"),

@@ -584,6 +584,36 @@ pub fn parse_id(spec: &str) -> Vec<u8> {
     out.repeat(count)
 }
 
+/// Waits until no live process is left in process group `pgid` (zombies do not count): a
+/// process killed with SIGKILL in the middle of an fsync finishes the write before it dies, so
+/// a test must not look at the store until the whole group is gone.
+pub fn wait_for_group_exit(pgid: u32) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let alive = std::fs::read_dir("/proc")
+            .map(|entries| {
+                entries.flatten().any(|entry| {
+                    let stat =
+                        std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+                    // pid (comm) state ppid pgrp ...: the fields after the last ')'.
+                    let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+                    let state = fields.next().unwrap_or("Z");
+                    let pgrp = fields.nth(1).and_then(|f| f.parse::<u32>().ok());
+                    pgrp == Some(pgid) && state != "Z" && state != "X"
+                })
+            })
+            .unwrap_or(false);
+        if !alive {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process group {pgid} did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -626,35 +656,5 @@ mod tests {
         let b64 = base64::engine::general_purpose::STANDARD.encode(&secret);
         assert!(found(b64.as_bytes()));
         assert!(!found(b"nothing to see"));
-    }
-}
-
-/// Waits until no live process is left in process group `pgid` (zombies do not count): a
-/// process killed with SIGKILL in the middle of an fsync finishes the write before it dies, so
-/// a test must not look at the store until the whole group is gone.
-pub fn wait_for_group_exit(pgid: u32) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let alive = std::fs::read_dir("/proc")
-            .map(|entries| {
-                entries.flatten().any(|entry| {
-                    let stat =
-                        std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-                    // pid (comm) state ppid pgrp ...: the fields after the last ')'.
-                    let mut fields = stat.rsplit(')').next().unwrap_or("").split_whitespace();
-                    let state = fields.next().unwrap_or("Z");
-                    let pgrp = fields.nth(1).and_then(|f| f.parse::<u32>().ok());
-                    pgrp == Some(pgid) && state != "Z" && state != "X"
-                })
-            })
-            .unwrap_or(false);
-        if !alive {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "process group {pgid} did not exit"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }

@@ -4,8 +4,11 @@
 Usage: json_provider.py STORE.json
 
 Written for the tests of the exec provider, and as an example of a provider in another
-language: every write goes to a temporary file that is fsynced and renamed over the store, so a
-key is durable before it is acknowledged. Keys never go to stderr.
+language: every write goes to a temporary file (mode 0600) that is fsynced and renamed over the
+store, so a key is durable before it is acknowledged. Keys never go to stderr.
+
+NOT FOR PRODUCTION: the keys are kept in the clear (base64) in the JSON file, wrapped by
+nothing. A real helper would wrap them under a KEK it fetches from somewhere else.
 
 Test hooks (environment): KMS_HELPER_CRASH_ON=<key id> makes the helper exit abruptly when
 asked for that id.
@@ -31,7 +34,8 @@ def load(path):
 
 def save(path, keys):
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(keys, f)
         f.flush()
         os.fsync(f.fileno())
