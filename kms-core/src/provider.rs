@@ -1,6 +1,7 @@
 //! The [`KeyProvider`] trait: what every place keys can live must do.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::id::KeyId;
@@ -118,32 +119,41 @@ pub trait KeyProvider: fmt::Display + Send + Sync {
     }
 }
 
-impl<P: KeyProvider + ?Sized> KeyProvider for Box<P> {
-    fn get(&self, id: &KeyId) -> Result<Key> {
-        (**self).get(id)
-    }
-    fn create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
-        (**self).create(id, spec)
-    }
-    fn get_or_create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
-        (**self).get_or_create(id, spec)
-    }
-    fn get_version(&self, id: &KeyId, version: u32) -> Result<Key> {
-        (**self).get_version(id, version)
-    }
-    fn rotate(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
-        (**self).rotate(id, spec)
-    }
-    fn list(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
-        (**self).list(prefix)
-    }
-    fn import(&self, id: &KeyId, secret: &SecretBytes) -> Result<Key> {
-        (**self).import(id, secret)
-    }
-    fn delete(&self, id: &KeyId) -> Result<()> {
-        (**self).delete(id)
-    }
-    fn capabilities(&self) -> Capabilities {
-        (**self).capabilities()
-    }
+/// Forwards every method through a smart pointer, so that `Box<dyn KeyProvider>` and a
+/// provider shared with `Arc` (by a server and a test that watches it, say) are providers too.
+macro_rules! forward_provider {
+    ($pointer:ident) => {
+        impl<P: KeyProvider + ?Sized> KeyProvider for $pointer<P> {
+            fn get(&self, id: &KeyId) -> Result<Key> {
+                (**self).get(id)
+            }
+            fn create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+                (**self).create(id, spec)
+            }
+            fn get_or_create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+                (**self).get_or_create(id, spec)
+            }
+            fn get_version(&self, id: &KeyId, version: u32) -> Result<Key> {
+                (**self).get_version(id, version)
+            }
+            fn rotate(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+                (**self).rotate(id, spec)
+            }
+            fn list(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
+                (**self).list(prefix)
+            }
+            fn import(&self, id: &KeyId, secret: &SecretBytes) -> Result<Key> {
+                (**self).import(id, secret)
+            }
+            fn delete(&self, id: &KeyId) -> Result<()> {
+                (**self).delete(id)
+            }
+            fn capabilities(&self) -> Capabilities {
+                (**self).capabilities()
+            }
+        }
+    };
 }
+
+forward_provider!(Box);
+forward_provider!(Arc);

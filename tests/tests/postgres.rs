@@ -12,7 +12,10 @@ fn binaries() -> &'static Path {
     static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let kms = kms_tests::kms_bin();
-        let dir = kms.parent().expect("the kms binary has a directory").to_path_buf();
+        let dir = kms
+            .parent()
+            .expect("the kms binary has a directory")
+            .to_path_buf();
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let status = Command::new(cargo)
@@ -23,7 +26,11 @@ fn binaries() -> &'static Path {
             .expect("cannot run cargo");
         assert!(status.success(), "building kmsd and the plugins failed");
         for needed in ["kms", "kmsd", "libkms_file.so", "libkms_command.so"] {
-            assert!(dir.join(needed).is_file(), "{needed} missing in {}", dir.display());
+            assert!(
+                dir.join(needed).is_file(),
+                "{needed} missing in {}",
+                dir.display()
+            );
         }
         dir
     })
@@ -31,7 +38,10 @@ fn binaries() -> &'static Path {
 
 fn run(provider: &str) {
     let postgres = Path::new("/usr/lib/postgresql/15/bin/initdb");
-    assert!(postgres.is_file(), "PostgreSQL 15 is not installed (.ci/run installs it)");
+    assert!(
+        postgres.is_file(),
+        "PostgreSQL 15 is not installed (.ci/run installs it)"
+    );
     assert!(
         rustix::process::geteuid().is_root(),
         "the PostgreSQL end-to-end test runs as root (it runs PostgreSQL as `postgres`)"
@@ -48,7 +58,9 @@ fn run(provider: &str) {
     println!("{stdout}");
     assert!(output.status.success(), "{provider}: {stdout}\n{stderr}");
     assert!(
-        stdout.contains(&format!("postgres end-to-end with the {provider} provider: passed")),
+        stdout.contains(&format!(
+            "postgres end-to-end with the {provider} provider: passed"
+        )),
         "{stdout}"
     );
     for step in [
@@ -57,7 +69,10 @@ fn run(provider: &str) {
         "none holds the marker",
         "point-in-time recovery through kms decrypt",
     ] {
-        assert!(stdout.contains(step), "{provider}: missing step {step:?}\n{stdout}");
+        assert!(
+            stdout.contains(step),
+            "{provider}: missing step {step:?}\n{stdout}"
+        );
     }
 }
 
