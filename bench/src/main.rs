@@ -1,7 +1,7 @@
 //! kms-bench: kms measured against OpenSSL on the same machine, in the same run.
 //!
 //! ```text
-//! cargo run --release -p kms-bench -- [all|wrap|kdf|store|million]
+//! cargo run --release -p kms-bench -- [all|wrap|kdf|crypt|store|million]
 //! ```
 //!
 //! Prints one Markdown table: each figure, the reference it is compared with, the ratio, the bar
@@ -9,6 +9,7 @@
 //! real disk, so fsync is real); the store of a million keys is kept there between runs.
 #![forbid(unsafe_code)]
 
+mod crypt;
 mod kdf;
 mod million;
 mod report;
@@ -23,7 +24,7 @@ use anyhow::{Context as _, Result, bail};
 
 use report::Table;
 
-const USAGE: &str = "usage: kms-bench [all|wrap|kdf|store|million]";
+const USAGE: &str = "usage: kms-bench [all|wrap|kdf|crypt|store|million]";
 
 fn main() -> ExitCode {
     match run() {
@@ -50,11 +51,13 @@ fn run() -> Result<()> {
         "all" => {
             wrap::run(&mut table)?;
             kdf::run(&mut table)?;
+            crypt::run(&mut table)?;
             store::run(&mut table)?;
             million::run(&mut table)?;
         }
         "wrap" => wrap::run(&mut table)?,
         "kdf" => kdf::run(&mut table)?,
+        "crypt" => crypt::run(&mut table)?,
         "store" => store::run(&mut table)?,
         "million" => million::run(&mut table)?,
         "-h" | "--help" | "help" => {

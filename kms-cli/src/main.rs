@@ -4,6 +4,7 @@
 //! the same keys as the database without any server running.
 #![forbid(unsafe_code)]
 
+mod crypt;
 mod output;
 
 use std::path::PathBuf;
@@ -105,6 +106,48 @@ enum Command {
         /// The key id.
         id: String,
     },
+    /// Encrypt IN to OUT under the newest version of a 256-bit key (`-`: stdin or stdout).
+    ///
+    /// OUT appears only once complete and fsynced; an existing OUT is kept unless --force.
+    /// The format is in docs/file-format.md.
+    Encrypt {
+        /// The key id.
+        #[arg(long, value_name = "ID")]
+        key: String,
+        /// Create the key (256 bits) if it does not exist yet.
+        #[arg(long)]
+        create: bool,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+        /// The file to encrypt, or - for standard input.
+        #[arg(value_name = "IN")]
+        input: PathBuf,
+        /// The encrypted file to write, or - for standard output.
+        #[arg(value_name = "OUT")]
+        output: PathBuf,
+    },
+    /// Decrypt IN to OUT; the key id and version come from IN's header.
+    ///
+    /// Nothing is written to a file OUT unless every chunk authenticates; an existing OUT is
+    /// kept unless --force.
+    Decrypt {
+        /// Decrypt only the plaintext bytes from this offset on (IN must be a file).
+        #[arg(long, value_name = "N")]
+        offset: Option<u64>,
+        /// Decrypt only this many bytes (from --offset, or from 0).
+        #[arg(long, value_name = "M")]
+        length: Option<u64>,
+        /// Replace OUT if it exists.
+        #[arg(long)]
+        force: bool,
+        /// The encrypted file, or - for standard input.
+        #[arg(value_name = "IN")]
+        input: PathBuf,
+        /// The file to write the plaintext to, or - for standard output.
+        #[arg(value_name = "OUT")]
+        output: PathBuf,
+    },
     /// List keys (id, newest version, bits, creation time) whose id starts with PREFIX.
     List {
         /// The prefix; empty lists every key.
@@ -196,19 +239,37 @@ fn registry() -> Registry {
 /// An error of the CLI: the exit status and the line for stderr.
 struct Failure {
     code: u8,
+    /// The kind of the failure, kept for a caller that turns it back into an [`Error`].
+    kind: ErrorKind,
     message: String,
+}
+
+impl Failure {
+    /// A failure that is not a usage error and has no more precise kind (exit status 1).
+    fn other(message: impl Into<String>) -> Failure {
+        Failure {
+            code: 1,
+            kind: ErrorKind::Other,
+            message: message.into(),
+        }
+    }
+}
+
+/// The exit status of an error of this kind (see EXIT_CODES).
+fn exit_code(kind: ErrorKind) -> u8 {
+    match kind {
+        ErrorKind::NotFound => 3,
+        ErrorKind::AlreadyExists => 4,
+        ErrorKind::InvalidConfig | ErrorKind::InvalidKeyId | ErrorKind::InvalidInput => 2,
+        _ => 1,
+    }
 }
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
-        let code = match e.kind() {
-            ErrorKind::NotFound => 3,
-            ErrorKind::AlreadyExists => 4,
-            ErrorKind::InvalidConfig | ErrorKind::InvalidKeyId | ErrorKind::InvalidInput => 2,
-            _ => 1,
-        };
         Failure {
-            code,
+            code: exit_code(e.kind()),
+            kind: e.kind(),
             message: e.to_string(),
         }
     }
@@ -217,6 +278,7 @@ impl From<Error> for Failure {
 fn usage(message: impl Into<String>) -> Failure {
     Failure {
         code: 2,
+        kind: ErrorKind::InvalidInput,
         message: message.into(),
     }
 }
@@ -382,6 +444,39 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let key = open(&cli, &registry)?.get(&id)?;
             output::print_passphrase(&key)?;
         }
+        Command::Encrypt {
+            key,
+            create,
+            force,
+            input,
+            output,
+        } => {
+            let id = key_id(key)?;
+            let files = crypt::Files {
+                input,
+                output,
+                force: *force,
+            };
+            crypt::encrypt(|| open(&cli, &registry), &id, *create, files)?;
+        }
+        Command::Decrypt {
+            offset,
+            length,
+            force,
+            input,
+            output,
+        } => {
+            let range = (offset.is_some() || length.is_some()).then(|| crypt::Range {
+                offset: offset.unwrap_or(0),
+                length: *length,
+            });
+            let files = crypt::Files {
+                input,
+                output,
+                force: *force,
+            };
+            crypt::decrypt(|| open(&cli, &registry), range, files)?;
+        }
         Command::Slot(slot) => run_slot(&cli, slot)?,
         Command::RotateKek => {
             let options = command_options(&cli)?;
@@ -515,15 +610,9 @@ fn list_plugins(cli: &Cli) -> Result<(), Failure> {
     stdout
         .write_all(out.as_bytes())
         .and_then(|_| stdout.flush())
-        .map_err(|e| Failure {
-            code: 1,
-            message: format!("cannot write to standard output: {e}"),
-        })?;
+        .map_err(|e| Failure::other(format!("cannot write to standard output: {e}")))?;
     if refused > 0 {
-        return Err(Failure {
-            code: 1,
-            message: format!("{refused} plugin(s) refused"),
-        });
+        return Err(Failure::other(format!("{refused} plugin(s) refused")));
     }
     Ok(())
 }
@@ -537,10 +626,7 @@ fn read_secret(raw: bool) -> Result<kms_core::SecretBytes, Failure> {
         .lock()
         .take(limit)
         .read_to_end(&mut buf)
-        .map_err(|e| Failure {
-            code: 1,
-            message: format!("cannot read the secret from standard input: {e}"),
-        })?;
+        .map_err(|e| Failure::other(format!("cannot read the secret from standard input: {e}")))?;
     let mut secret: &[u8] = &buf;
     if !raw {
         secret = secret

@@ -25,6 +25,7 @@ impl Format {
         if self == Format::Raw && std::io::stdout().is_terminal() {
             return Err(Failure {
                 code: 2,
+                kind: kms_core::ErrorKind::InvalidInput,
                 message: "refusing to write raw key bytes to a terminal; redirect stdout or use --format hex".into(),
             });
         }
@@ -60,6 +61,7 @@ pub fn print_passphrase(key: &Key) -> Result<(), Failure> {
     if secret.iter().any(|b| matches!(b, b'\n' | b'\r' | 0)) {
         return Err(Failure {
             code: 1,
+            kind: kms_core::ErrorKind::InvalidInput,
             message: format!(
                 "secret \"{}\" holds a line break or a NUL and cannot be printed as one line",
                 key.id()
@@ -92,8 +94,5 @@ fn write_stdout(bytes: &[u8]) -> Result<(), Failure> {
     stdout
         .write_all(bytes)
         .and_then(|_| stdout.flush())
-        .map_err(|e| Failure {
-            code: 1,
-            message: format!("cannot write to standard output: {e}"),
-        })
+        .map_err(|e| Failure::other(format!("cannot write to standard output: {e}")))
 }

@@ -33,10 +33,12 @@ PGDATA="$WORK/data"
 RESTORED="$WORK/restored"
 
 KMSD_PID=""
+RUNUSER_PID=""
 cleanup() {
     as_pg "$PG_BIN/pg_ctl" -D "$RESTORED" -m immediate stop >/dev/null 2>&1 || true
     as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -m immediate stop >/dev/null 2>&1 || true
-    [ -n "$KMSD_PID" ] && kill "$KMSD_PID" 2>/dev/null || true
+    # SIGKILL: whatever failed, no kmsd may outlive the test (it holds the test's stdout).
+    [ -n "$KMSD_PID" ] && kill -KILL "$KMSD_PID" 2>/dev/null || true
     if [ "${KEEP_WORK:-}" = "" ]; then rm -rf "$WORK"; else echo "kept $WORK"; fi
 }
 trap cleanup EXIT
@@ -73,9 +75,18 @@ TOML
 esac
 chown postgres:postgres "$WORK/kmsd.toml" "$WORK/kms"
 as_pg "$KMS" --config "$WORK/kmsd.toml" init
+# kmsd runs under runuser, which does not pass SIGTERM on: the shell in between writes kmsd's
+# own pid (exec keeps it) so that signals go to kmsd itself; runuser's exit status is kmsd's.
 start_kmsd() {
-    as_pg "$WORK/bin/kmsd" --config "$WORK/kmsd.toml" --log-level warn &
-    KMSD_PID=$!
+    rm -f "$WORK/kmsd.pid"
+    as_pg sh -c 'echo $$ > "$1/kmsd.pid"; exec "$1/bin/kmsd" --config "$1/kmsd.toml" --log-level warn' \
+        sh "$WORK" &
+    RUNUSER_PID=$!
+    for _ in $(seq 100); do
+        [ -s "$WORK/kmsd.pid" ] && break
+        sleep 0.05
+    done
+    KMSD_PID=$(cat "$WORK/kmsd.pid")
     for _ in $(seq 100); do
         as_pg "$KMS" --socket "$SOCK" list >/dev/null 2>&1 && return 0
         sleep 0.1
@@ -84,7 +95,7 @@ start_kmsd() {
 }
 stop_kmsd() {
     kill -TERM "$KMSD_PID"
-    wait "$KMSD_PID" || fail "kmsd did not exit 0 on SIGTERM"
+    wait "$RUNUSER_PID" || fail "kmsd did not exit 0 on SIGTERM"
     KMSD_PID=""
 }
 start_kmsd
@@ -142,7 +153,7 @@ wait_archived() {  # waits until the segment holding the current WAL position is
 }
 as_pg pgbench -q -i -s 2 -h "$WORK" -p "$PORT" postgres >/dev/null 2>&1
 as_pg pgbench -T 3 -c 2 -h "$WORK" -p "$PORT" postgres >/dev/null 2>&1
-as_pg "$PG_BIN/pg_basebackup" -h "$WORK" -p "$PORT" -D "$WORK/base" -X none >/dev/null
+as_pg "$PG_BIN/pg_basebackup" -h "$WORK" -p "$PORT" -D "$WORK/base" -X none -c fast >/dev/null
 "${PSQL[@]}" -c "create table kept (id int, note text)"
 "${PSQL[@]}" -c "insert into kept select g, '$MARKER' from generate_series(1, 1000) g"
 wait_archived
