@@ -36,9 +36,29 @@ impl Place {
     fn name(&self, std: &str) -> String {
         match self {
             Place::Std => std.to_string(),
-            Place::File(path) => path.display().to_string(),
+            Place::File(path) => show_path(path),
         }
     }
+}
+
+/// A path for a one-line message: control characters (a newline, an escape sequence) are
+/// shown escaped, and bytes that are not UTF-8 as `\xNN`.
+pub fn show_path(path: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for chunk in path.as_os_str().as_bytes().utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() {
+                out.extend(c.escape_debug());
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
 }
 
 /// What the two commands share: the input and output and whether the output may be replaced.
@@ -63,6 +83,12 @@ pub fn encrypt(
     }
     check_output_free(&output, files.force)?;
     let reader = open_input(&input)?;
+    // The output file exists (unnamed) before the key is asked for, so that --create never
+    // makes a key for an output that cannot be written.
+    let out_file = match &output {
+        Place::File(path) => Some(create_output(path)?),
+        Place::Std => None,
+    };
 
     let provider = open()?;
     let key = if create {
@@ -74,12 +100,11 @@ pub fn encrypt(
 
     let names = Names::of(&input, &output);
     let fail = |e: kms_crypt::Error| names.failure(&e);
-    match &output {
-        Place::Std => {
+    match out_file {
+        None => {
             kms_crypt::encrypt(&key, reader, io::stdout()).map_err(fail)?;
         }
-        Place::File(path) => {
-            let mut file = create_output(path)?;
+        Some(mut file) => {
             kms_crypt::encrypt(&key, reader, &mut file).map_err(fail)?;
             commit(file, files.force, &names.output)?;
         }
@@ -132,6 +157,12 @@ pub fn decrypt(
                 ));
             };
             let file = File::open(path).map_err(|e| io_failure("open", &names.input, &e))?;
+            if !file.metadata().is_ok_and(|m| m.is_file()) {
+                return Err(usage(format!(
+                    "a byte range (--offset, --length) needs IN to be a regular file; {} is not",
+                    names.input
+                )));
+            }
             let input = BufReader::with_capacity(READ_BUFFER, file);
             let (offset, length) = (range.offset, range.length);
             match &output {
@@ -188,10 +219,38 @@ fn check_output_free(output: &Place, force: bool) -> Result<(), Failure> {
             kind: ErrorKind::AlreadyExists,
             message: format!(
                 "{} already exists; kms does not replace files unless --force is given",
-                path.display()
+                show_path(path)
             ),
         }),
-        _ => Ok(()),
+        // --force replaces a file, never a device, a pipe or a socket (a symbolic link is
+        // replaced as a link; its target is left alone).
+        Place::File(path) => match std::fs::symlink_metadata(path) {
+            Ok(md) if !(md.is_file() || md.is_symlink()) => Err(usage(format!(
+                "{} is {}, not a regular file; kms writes only regular files (- is standard \
+                 output)",
+                show_path(path),
+                file_type_name(&md.file_type())
+            ))),
+            _ => Ok(()),
+        },
+        Place::Std => Ok(()),
+    }
+}
+
+fn file_type_name(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_fifo() {
+        "a named pipe"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
     }
 }
 
@@ -199,9 +258,9 @@ fn open_input(input: &Place) -> Result<Box<dyn Read + Send>, Failure> {
     match input {
         Place::Std => Ok(Box::new(io::stdin())),
         Place::File(path) => {
-            let file = File::open(path).map_err(|e| io_failure("open", &path.display(), &e))?;
+            let file = File::open(path).map_err(|e| io_failure("open", &show_path(path), &e))?;
             if file.metadata().is_ok_and(|m| m.is_dir()) {
-                return Err(usage(format!("{} is a directory", path.display())));
+                return Err(usage(format!("{} is a directory", show_path(path))));
             }
             Ok(Box::new(BufReader::with_capacity(READ_BUFFER, file)))
         }
@@ -209,7 +268,7 @@ fn open_input(input: &Place) -> Result<Box<dyn Read + Send>, Failure> {
 }
 
 fn create_output(path: &Path) -> Result<AtomicFile, Failure> {
-    AtomicFile::create(path).map_err(|e| io_failure("create", &path.display(), &e))
+    AtomicFile::create(path).map_err(|e| io_failure("create", &show_path(path), &e))
 }
 
 fn commit(file: AtomicFile, force: bool, name: &str) -> Result<(), Failure> {

@@ -293,12 +293,21 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             // A usage error: one line, like every other error, then a pointer to --help.
+            // clap's message runs over several lines until "Usage:" (the missing arguments
+            // are listed under the first); they are joined, tips left out.
             let text = e.render().to_string();
-            let line = text
+            let parts: Vec<&str> = text
                 .lines()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("invalid usage");
-            let line = line.strip_prefix("error: ").unwrap_or(line);
+                .map(str::trim)
+                .take_while(|l| !l.starts_with("Usage:"))
+                .filter(|l| !l.is_empty() && !l.starts_with("tip:"))
+                .filter(|l| !l.starts_with("For more information"))
+                .collect();
+            let line = match parts.join(" ") {
+                joined if joined.is_empty() => "invalid usage".to_string(),
+                joined => joined,
+            };
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
             eprintln!("kms: {line}; see kms --help");
             return ExitCode::from(2);
         }

@@ -57,13 +57,18 @@ pub fn print_key(key: &Key, format: Format) -> Result<(), Failure> {
 /// Writes a secret as one line, for `ssl_passphrase_command`; a secret that cannot be one line
 /// (it holds a CR, an LF or a NUL) is refused.
 pub fn print_passphrase(key: &Key) -> Result<(), Failure> {
+    // Only text is printed: UTF-8 without control characters. A generated key (random bytes)
+    // is refused every time, not only when it happens to hold a line break, and nothing that
+    // could drive a terminal reaches one.
     let secret = key.expose_secret();
-    if secret.iter().any(|b| matches!(b, b'\n' | b'\r' | 0)) {
+    let is_text = std::str::from_utf8(secret).is_ok_and(|t| !t.chars().any(char::is_control));
+    if !is_text {
         return Err(Failure {
             code: 1,
             kind: kms_core::ErrorKind::InvalidInput,
             message: format!(
-                "secret \"{}\" holds a line break or a NUL and cannot be printed as one line",
+                "secret \"{}\" is not a one-line text passphrase (UTF-8 without control \
+                 characters): kms passphrase prints secrets stored with kms import, not keys",
                 key.id()
             ),
         });

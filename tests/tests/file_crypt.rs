@@ -316,3 +316,106 @@ fn a_missing_key_is_not_found_and_creates_nothing() {
     assert_eq!(run.code, 2, "{run}");
     assert!(!out.exists());
 }
+
+/// Regression: `--force` replaced a device node under the output name (as root, `/dev/null`)
+/// with a regular file holding the plaintext.
+#[test]
+fn force_never_replaces_a_device_or_a_pipe() {
+    let files = Files::new();
+    files.kms.create("dev/key");
+    files.encrypt("dev/key", b"secret words", "e.kms");
+    let fifo = files.path("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let encrypted = files.path("e.kms");
+    let run = files.kms.fails(
+        [
+            "decrypt".as_ref(),
+            "--force".as_ref(),
+            encrypted.as_os_str(),
+            fifo.as_os_str(),
+        ],
+        2,
+        &["is a named pipe, not a regular file"],
+    );
+    assert!(!run.stderr.contains("secret words"));
+    let md = fs::symlink_metadata(&fifo).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&md.file_type()));
+}
+
+/// Regression: `kms passphrase` printed a generated key's raw bytes whenever they happened to
+/// hold no line break; a key is now refused every time, an imported passphrase printed.
+#[test]
+fn passphrase_prints_imported_text_and_refuses_keys() {
+    let kms = Kms::new();
+    for i in 0..8 {
+        kms.create(&format!("gen/{i}"));
+        kms.fails(
+            ["passphrase", &format!("gen/{i}")],
+            1,
+            &["not a one-line text passphrase", "gen/"],
+        );
+    }
+    let mut import = kms_tests::kms_command(["--config".as_ref(), kms.config.as_os_str()]);
+    import.args(["import", "pg/ssl"]);
+    import.stdin(std::process::Stdio::piped());
+    import.stdout(std::process::Stdio::null());
+    import.stderr(std::process::Stdio::null());
+    let mut child = import.spawn().unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"tls key words\n")
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let run = kms.run(["passphrase", "pg/ssl"]);
+    assert_eq!(run.code, 0, "{run}");
+    assert_eq!(run.stdout, b"tls key words\n");
+}
+
+/// Regression: `encrypt --create` made the key even when the output could not be written.
+#[test]
+fn create_makes_no_key_for_an_unwritable_output() {
+    let files = Files::new();
+    let input = files.path("in");
+    fs::write(&input, b"data").unwrap();
+    let output = files.path("missing-dir/out.kms");
+    files.kms.fails(
+        [
+            "encrypt".as_ref(),
+            "--create".as_ref(),
+            "--key".as_ref(),
+            "side/b".as_ref(),
+            input.as_os_str(),
+            output.as_os_str(),
+        ],
+        1,
+        &["cannot create", "missing-dir/out.kms"],
+    );
+    files.kms.fails(["get", "side/b"], 3, &["not found"]);
+}
+
+/// Regression: a file name holding a newline or an escape sequence broke the one-line error
+/// into several lines (and reached the terminal raw); a missing argument was not named.
+#[test]
+fn messages_stay_one_line_and_name_what_is_missing() {
+    let files = Files::new();
+    let input = files.path("no\nsuch\x1b[31mfile");
+    let out = files.path("out");
+    let run = files.kms.fails(
+        ["decrypt".as_ref(), input.as_os_str(), out.as_os_str()],
+        1,
+        &["no\\nsuch"],
+    );
+    assert!(!run.stderr.contains('\x1b'), "{run}");
+    files.kms.fails(
+        ["encrypt", "--key", "a/b", "only-in"],
+        2,
+        &["required arguments were not provided: <OUT>"],
+    );
+}
