@@ -175,7 +175,13 @@ impl EnvelopeProvider {
         spec: KeySpec,
     ) -> Result<std::result::Result<Key, Record>> {
         let (record, dek) = self.new_record(id, version, spec.len)?;
-        match self.store.insert(id, record)? {
+        let inserted = self.store.insert(id, record).map_err(|e| {
+            e.context(format_args!(
+                "key \"{id}\" version {version} was not stored"
+            ))
+            .with_key_id(id)
+        })?;
+        match inserted {
             Inserted::Stored => Ok(Ok(Key::new(id.clone(), version, dek)?)),
             Inserted::Exists(existing) => Ok(Err(existing)),
             Inserted::RetiredKek => {

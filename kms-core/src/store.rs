@@ -832,6 +832,14 @@ fn verify_schema(path: &Path, conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// Whether the file system holding `path` has no block left for an unprivileged write.
+fn file_system_full(path: &Path) -> bool {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    rustix::fs::statvfs(dir.unwrap_or(Path::new(".")))
+        .map(|st| st.f_bavail == 0 || st.f_bfree == 0)
+        .unwrap_or(false)
+}
+
 /// Maps a SQLite failure to the kind a caller acts on.
 fn sql_error(path: &Path, e: rusqlite::Error) -> Error {
     let shown = path.display();
@@ -861,6 +869,12 @@ fn sql_error(path: &Path, e: rusqlite::Error) -> Error {
             ErrorCode::CannotOpen => (
                 ErrorKind::Unavailable,
                 format!("cannot open store {shown}: {e}"),
+            ),
+            // SQLite reports a write that ran out of space in the WAL or its index as an I/O
+            // error, without the OS error; a file system with no free block is the cause.
+            ErrorCode::SystemIoFailure if file_system_full(path) => (
+                ErrorKind::NoSpace,
+                format!("no space left for store {shown}: the file system is full ({e})"),
             ),
             _ => (ErrorKind::Other, format!("store {shown}: {e}")),
         },
