@@ -179,8 +179,14 @@ done
 [ ! -f "$WORK/archive/$PENDING" ] || fail "a segment was archived while kmsd was down"
 ls "$WORK/archive" | grep -q '\.tmp' && fail "a failed archive_command left a temporary file"
 start_kmsd
-for _ in $(seq 300); do
+# After three failures in a row the archiver sleeps up to 60 s before it tries again; a new
+# WAL segment wakes it at once, so one is switched to now and then every 10 s while waiting.
+for i in $(seq 1200); do
     [ -f "$WORK/archive/$PENDING" ] && break
+    if [ $((i % 100)) = 1 ]; then
+        "${PSQL[@]}" -c "insert into kept values (0, 'wake the archiver')" >/dev/null
+        "${PSQL[@]}" -c "select pg_switch_wal()" >/dev/null
+    fi
     sleep 0.1
 done
 [ -f "$WORK/archive/$PENDING" ] || fail "archiving did not catch up after kmsd came back"

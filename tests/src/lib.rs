@@ -8,6 +8,8 @@
 //! - [`Rng`]: a small seeded generator (seed from the OS, or `KMS_TEST_SEED` to replay a run).
 //! - [`data_file`] and [`parse_id`]: the CLI cases kept as data under `tests/data/`.
 
+pub mod fuzzing;
+
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs;
