@@ -109,6 +109,15 @@ pub enum Failure {
         /// The transport error.
         why: String,
     },
+    /// The server refused the AppRole login (wrong role or secret id, or a 4xx).
+    LoginRefused {
+        /// The address that answered.
+        address: String,
+        /// The HTTP status.
+        status: u16,
+        /// The server's `errors`, joined.
+        errors: String,
+    },
     /// The server answered with an error status.
     Status {
         /// The address that answered.
@@ -227,7 +236,21 @@ impl Client {
         };
         let body = Scrubbed(json!({ "role_id": role_id, "secret_id": secret_id.as_str() }));
         let path = format!("auth/{mount}/login");
-        let mut answer = self.call_with_token("POST", &path, Some(&body), "")?;
+        let mut answer = match self.call_with_token("POST", &path, Some(&body), "") {
+            Ok(answer) => answer,
+            Err(Failure::Status {
+                address,
+                status,
+                errors,
+            }) if (400..500).contains(&status) => {
+                return Err(Failure::LoginRefused {
+                    address,
+                    status,
+                    errors,
+                });
+            }
+            Err(other) => return Err(other),
+        };
         let token = match answer.pointer_mut("/auth/client_token").map(Value::take) {
             Some(Value::String(token)) => Zeroizing::new(token),
             _ => {

@@ -548,6 +548,19 @@ impl Transit {
                 let message = format!("openbao at {address} unreachable: {why}");
                 return Error::new(ErrorKind::Unavailable, message);
             }
+            Failure::LoginRefused {
+                address,
+                status,
+                errors,
+            } => {
+                let message =
+                    format!("openbao at {address} refused the AppRole login ({status}): {errors}");
+                let err = Error::new(ErrorKind::Denied, message);
+                return match key {
+                    Some((id, _)) => err.with_key_id(id),
+                    None => err,
+                };
+            }
             Failure::Status {
                 address,
                 status,
