@@ -1,5 +1,5 @@
 //! The OpenBao harness of these tests: finds or installs `bao`, starts a real server on a free
-//! loopback port (a dev server, or a server with file storage that survives a restart), sets
+//! loopback port (a dev server, or a single-node raft server that survives a restart), sets
 //! up Transit, and kills the server when the guard is dropped, panics included.
 //!
 //! `bao` is taken from `$KMS_BAO`, else from `PATH`, else from `<target>/tools/bao`, else it is
@@ -183,7 +183,7 @@ impl Bao {
         bao
     }
 
-    /// A server with file storage (survives `stop` and `start`), initialised and unsealed,
+    /// A server with file storage (raft storage in a directory: survives `stop` and `start`), initialised and unsealed,
     /// Transit enabled and the derived key `kms` made.
     pub fn persistent() -> Bao {
         let mut bao = Bao {
@@ -197,13 +197,15 @@ impl Bao {
         };
         bao.start_on_free_ports(&[501], |bao| {
             let port = bao.port;
+            let data = bao.dir.path().join("data");
+            std::fs::create_dir_all(&data).unwrap();
             let config = format!(
-                "storage \"file\" {{\n  path = \"{}\"\n}}\n\
+                "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"kms-test\"\n}}\n\
                  listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  \
                  cluster_address = \"127.0.0.1:{}\"\n  tls_disable = true\n}}\n\
-                 disable_mlock = true\napi_addr = \"http://127.0.0.1:{port}\"\n\
+                 api_addr = \"http://127.0.0.1:{port}\"\n\
                  cluster_addr = \"https://127.0.0.1:{}\"\n",
-                bao.dir.path().join("data").display(),
+                data.display(),
                 port + 1,
                 port + 1
             );
@@ -387,12 +389,22 @@ impl Bao {
 
     /// Starts a stopped server with file storage again and unseals it.
     pub fn start(&mut self) {
+        self.start_sealed();
+        self.unseal();
+    }
+
+    /// Starts a stopped server with file storage again, sealed.
+    pub fn start_sealed(&mut self) {
         assert!(self.unseal_key.is_some(), "only a file-storage server restarts");
         assert!(self.child.is_none(), "the server is running");
         self.spawn();
         if let Err(log) = self.wait_for(&[503], Duration::from_secs(60)) {
             panic!("bao server at {} did not restart:\n{log}", self.addr);
         }
+    }
+
+    /// Unseals a server started with [`start_sealed`](Bao::start_sealed).
+    pub fn unseal_now(&mut self) {
         self.unseal();
     }
 }
