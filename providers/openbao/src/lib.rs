@@ -34,7 +34,7 @@ pub mod client;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use base64::Engine;
@@ -44,7 +44,10 @@ use kms_core::envelope::{CURRENT_KEK_META, EnvelopeProvider, fingerprint_meta_na
 use kms_core::fsutil::{check_private, create_private_dir};
 use kms_core::store::{Rewrapped, Store};
 use kms_core::wrap::{BINDING_LEN, KeyWrapper, binding};
-use kms_core::{Error, ErrorKind, KeyId, KeyProvider, MAX_SECRET_LEN, Result, SecretBytes};
+use kms_core::{
+    Capabilities, Error, ErrorKind, Key, KeyId, KeyInfo, KeyProvider, KeySpec, MAX_SECRET_LEN,
+    Result, SecretBytes,
+};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -830,24 +833,137 @@ pub fn init(options: &Options) -> Result<String> {
 }
 
 /// Opens an initialised openbao provider. Contacts the server once, to check the Transit key.
-pub fn open(options: &Options) -> Result<EnvelopeProvider> {
+pub fn open(options: &Options) -> Result<OpenbaoProvider> {
     let name = options.display_name();
-    let opened = (|| -> Result<EnvelopeProvider> {
+    let opened = (|| -> Result<OpenbaoProvider> {
         let (store, transit) = open_parts(options)?;
-        let rotation = rotation_target(&store)?;
         let transit = Arc::new(transit);
-        let mut provider =
-            EnvelopeProvider::open(name.clone(), store, Box::new(SharedTransit(transit.clone())))?;
-
-        // During a rotation new keys are written for the target generation, so that the
-        // rotation never has to chase them.
-        if let Some(to) = rotation {
-            provider.add_wrapper(to, Box::new(SharedTransit(transit)))?;
-            provider.write_with(to)?;
-        }
-        Ok(provider)
+        let inner = envelope(&name, store, &transit)?;
+        Ok(OpenbaoProvider {
+            name: name.clone(),
+            store_path: options.store_path(),
+            transit,
+            inner: RwLock::new(Arc::new(inner)),
+        })
     })();
     opened.map_err(|e| e.with_backend(&name))
+}
+
+/// The envelope provider over `store` as its metadata stands: the current KEK generation and,
+/// during a rotation, the target one, both served by the same Transit key.
+fn envelope(name: &str, store: Store, transit: &Arc<Transit>) -> Result<EnvelopeProvider> {
+    let rotation = rotation_target(&store)?;
+    let mut provider =
+        EnvelopeProvider::open(name, store, Box::new(SharedTransit(transit.clone())))?;
+
+    // During a rotation new keys are written for the target generation, so that the rotation
+    // never has to chase them.
+    if let Some(to) = rotation {
+        provider.add_wrapper(to, Box::new(SharedTransit(transit.clone())))?;
+        provider.write_with(to)?;
+    }
+    Ok(provider)
+}
+
+/// The openbao provider: the envelope provider of `kms-core` over the local store and the
+/// Transit key, which follows KEK rotations made by another process (`kms rotate-kek`) while
+/// it is open: when the store says a key is wrapped by a generation it has not loaded, or that
+/// its writing generation was retired, it reads the store's KEK records again and retries once.
+pub struct OpenbaoProvider {
+    name: String,
+    store_path: PathBuf,
+    transit: Arc<Transit>,
+    inner: RwLock<Arc<EnvelopeProvider>>,
+}
+
+impl OpenbaoProvider {
+    fn current(&self) -> Arc<EnvelopeProvider> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs `f`, and once more over a reloaded envelope if it failed with a KEK generation
+    /// this provider has not loaded.
+    fn with<T>(&self, f: impl Fn(&EnvelopeProvider) -> Result<T>) -> Result<T> {
+        let seen = self.current();
+        match f(&seen) {
+            Err(e) if e.kind() == ErrorKind::WrongKek => match self.reload(&seen) {
+                Ok(fresh) => f(&fresh),
+                Err(_) => Err(e),
+            },
+            other => other,
+        }
+    }
+
+    fn reload(&self, seen: &Arc<EnvelopeProvider>) -> Result<Arc<EnvelopeProvider>> {
+        let mut slot = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if !Arc::ptr_eq(&slot, seen) {
+            // Another thread reloaded meanwhile.
+            return Ok(slot.clone());
+        }
+        let store = Store::open(&self.store_path)?;
+        let fresh = Arc::new(envelope(&self.name, store, &self.transit)?);
+        *slot = fresh.clone();
+        Ok(fresh)
+    }
+
+    /// The KEK generation new keys are read under (for tests and tools).
+    pub fn current_generation(&self) -> u32 {
+        self.current().current_generation()
+    }
+}
+
+impl fmt::Debug for OpenbaoProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpenbaoProvider")
+            .field("name", &self.name)
+            .field("store_path", &self.store_path)
+            .field("transit", &self.transit)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Display for OpenbaoProvider {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl KeyProvider for OpenbaoProvider {
+    fn get(&self, id: &KeyId) -> Result<Key> {
+        self.with(|p| p.get(id))
+    }
+
+    fn create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+        self.with(|p| p.create(id, spec))
+    }
+
+    fn get_or_create(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+        self.with(|p| p.get_or_create(id, spec))
+    }
+
+    fn get_version(&self, id: &KeyId, version: u32) -> Result<Key> {
+        self.with(|p| p.get_version(id, version))
+    }
+
+    fn rotate(&self, id: &KeyId, spec: KeySpec) -> Result<Key> {
+        self.with(|p| p.rotate(id, spec))
+    }
+
+    fn import(&self, id: &KeyId, secret: &SecretBytes) -> Result<Key> {
+        self.with(|p| p.import(id, secret))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<KeyInfo>> {
+        self.with(|p| p.list(prefix))
+    }
+
+    fn delete(&self, id: &KeyId) -> Result<()> {
+        self.with(|p| p.delete(id))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.current().capabilities()
+    }
 }
 
 fn open_parts(options: &Options) -> Result<(Store, Transit)> {

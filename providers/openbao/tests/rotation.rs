@@ -52,10 +52,8 @@ fn rotation_rewraps_every_key_on_the_server() {
     let dir = private_dir();
     let text = token_options(&bao, dir.path(), &bao.token);
     let options = kms_openbao::Options::from_table(&context(dir.path()), &table(&text)).unwrap();
-    let keys = {
-        let provider = init_and_open(dir.path(), &text);
-        remember_all(provider.as_ref(), 120)
-    };
+    let before = init_and_open(dir.path(), &text);
+    let keys = remember_all(before.as_ref(), 120);
     assert_eq!(keys.len(), 132);
 
     let mut seen = Vec::new();
@@ -76,9 +74,15 @@ fn rotation_rewraps_every_key_on_the_server() {
     let created = provider.create(&new, KeySpec::default()).unwrap();
     assert_eq!(provider.get(&new).unwrap(), created);
 
+    // A provider opened before the rotation follows it without being reopened.
+    assert_all_read_back(before.as_ref(), &keys);
+    let late = KeyId::new("opened/before").unwrap();
+    let made = before.create(&late, KeySpec::default()).unwrap();
+    assert_eq!(provider.get(&late).unwrap(), made);
+
     // A second rotation goes on from generation 2.
     let rotated = kms_openbao::rotate_kek(&options, |_| {}).unwrap();
-    assert_eq!((rotated.from, rotated.to, rotated.rewrapped), (2, 3, 133));
+    assert_eq!((rotated.from, rotated.to, rotated.rewrapped), (2, 3, 134));
     let provider = open(dir.path(), &text).unwrap();
     assert_all_read_back(provider.as_ref(), &keys);
     assert_eq!(provider.get(&new).unwrap(), created);
