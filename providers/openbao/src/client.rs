@@ -194,12 +194,7 @@ impl Client {
 
     /// Calls `method` on `/v1/{path}` with an optional JSON body; the JSON answer of a success.
     /// With AppRole, logs in first if needed and once more after a 403.
-    pub fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Value, Failure> {
+    pub fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value, Failure> {
         let mut relogged = false;
         loop {
             let token = self.token()?;
@@ -273,12 +268,9 @@ impl Client {
         body: Option<&Value>,
         token: &str,
     ) -> Result<Value, Failure> {
-        let body = match body {
-            Some(value) => Some(Zeroizing::new(
-                serde_json::to_vec(value).expect("a JSON value serialises"),
-            )),
-            None => None,
-        };
+        let body = body.map(|value| {
+            Zeroizing::new(serde_json::to_vec(value).expect("a JSON value serialises"))
+        });
         let mut delay = self.settings.backoff;
         let mut attempt = 0;
         loop {
@@ -297,13 +289,7 @@ impl Client {
     }
 
     /// Tries every address once, from the preferred one on, until one gives a final answer.
-    fn try_addresses(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<&[u8]>,
-        token: &str,
-    ) -> Attempt {
+    fn try_addresses(&self, method: &str, path: &str, body: Option<&[u8]>, token: &str) -> Attempt {
         let n = self.settings.addresses.len();
         let start = self.preferred.load(Ordering::Relaxed) % n;
         let mut last = None;
@@ -414,7 +400,11 @@ fn error_text(value: &Value) -> String {
     match value.get("errors").and_then(Value::as_array) {
         Some(list) if !list.is_empty() => list
             .iter()
-            .map(|e| e.as_str().map(str::to_string).unwrap_or_else(|| e.to_string()))
+            .map(|e| {
+                e.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| e.to_string())
+            })
             .collect::<Vec<_>>()
             .join("; "),
         _ => "no error message".to_string(),

@@ -163,11 +163,17 @@ impl Options {
     }
 
     fn resolved(mut self, context: &Context) -> Options {
-        let resolve = |p: &PathBuf| config::resolve(&context.base_dir, p);
-        self.dir = resolve(&self.dir);
-        self.token_file = self.token_file.as_ref().map(resolve);
-        self.secret_id_file = self.secret_id_file.as_ref().map(resolve);
-        self.ca_file = self.ca_file.as_ref().map(resolve);
+        let base = &context.base_dir;
+        self.dir = config::resolve(base, &self.dir);
+        for path in [
+            &mut self.token_file,
+            &mut self.secret_id_file,
+            &mut self.ca_file,
+        ] {
+            if let Some(p) = path.as_mut() {
+                *p = config::resolve(base, p);
+            }
+        }
         self
     }
 
@@ -178,8 +184,7 @@ impl Options {
             return invalid("openbao: address names no server".to_string());
         }
         for a in &addresses {
-            if !(a.starts_with("http://") || a.starts_with("https://")) || a.contains(['?', '#'])
-            {
+            if !(a.starts_with("http://") || a.starts_with("https://")) || a.contains(['?', '#']) {
                 return invalid(format!(
                     "openbao: address \"{}\" is not an http:// or https:// URL",
                     a.escape_debug()
@@ -235,8 +240,7 @@ impl Options {
         let secret_ids = secret_ids.iter().filter(|m| **m).count();
         if self.role_id.is_some() && secret_ids != 1 {
             return invalid(
-                "openbao: role_id needs exactly one of secret_id_env or secret_id_file"
-                    .to_string(),
+                "openbao: role_id needs exactly one of secret_id_env or secret_id_file".to_string(),
             );
         }
         if self.role_id.is_none() && secret_ids != 0 {
@@ -324,7 +328,10 @@ fn secret_from_env(var: &str, what: &str) -> Result<Zeroizing<String>> {
 fn secret_from_file(path: &Path, what: &str) -> Result<Zeroizing<String>> {
     check_private(path, false)?;
     let raw = Zeroizing::new(std::fs::read(path).map_err(|e| {
-        let message = format!("openbao: cannot read the {what} file {}: {e}", path.display());
+        let message = format!(
+            "openbao: cannot read the {what} file {}: {e}",
+            path.display()
+        );
         Error::new(ErrorKind::InvalidConfig, message)
     })?);
     let text = std::str::from_utf8(&raw).ok().map(str::trim).unwrap_or("");
@@ -440,7 +447,10 @@ impl Transit {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string(),
-            derived: data.get("derived").and_then(Value::as_bool).unwrap_or(false),
+            derived: data
+                .get("derived")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             latest_version: data
                 .get("latest_version")
                 .and_then(Value::as_u64)
@@ -649,7 +659,10 @@ impl Transit {
                     None => (ErrorKind::Corrupted, format!("{at}: {errors}")),
                 }
             }
-            s => (ErrorKind::Other, format!("{at} refused {op} ({s}): {errors}")),
+            s => (
+                ErrorKind::Other,
+                format!("{at} refused {op} ({s}): {errors}"),
+            ),
         };
         let err = Error::new(kind, message);
         match key {
@@ -701,9 +714,7 @@ impl KeyWrapper for Transit {
             .map_err(|e| e.with_key_id(id))?;
         match answer.pointer("/data/ciphertext").and_then(Value::as_str) {
             Some(c) if c.starts_with("vault:v") => Ok(c.as_bytes().to_vec()),
-            _ => Err(self
-                .malformed(Op::Encrypt, "no ciphertext")
-                .with_key_id(id)),
+            _ => Err(self.malformed(Op::Encrypt, "no ciphertext").with_key_id(id)),
         }
     }
 
@@ -728,9 +739,7 @@ impl KeyWrapper for Transit {
         let encoded = match answer.pointer_mut("/data/plaintext").map(Value::take) {
             Some(Value::String(text)) => Zeroizing::new(text),
             _ => {
-                return Err(self
-                    .malformed(Op::Decrypt, "no plaintext")
-                    .with_key_id(id));
+                return Err(self.malformed(Op::Decrypt, "no plaintext").with_key_id(id));
             }
         };
         let plain = Zeroizing::new(
@@ -1136,7 +1145,10 @@ mod tests {
         let base = "dir = \"d\"\naddress = \"http://127.0.0.1:1\"\nkey = \"kms\"\n";
         let cases = [
             ("", "exactly one of token_env"),
-            ("token_env = \"A\"\ntoken_file = \"f\"", "exactly one of token_env"),
+            (
+                "token_env = \"A\"\ntoken_file = \"f\"",
+                "exactly one of token_env",
+            ),
             ("role_id = \"r\"", "exactly one of secret_id_env"),
             ("token_env = \"A\"\nsecret_id_env = \"S\"", "need role_id"),
             ("token_env = \"A\"\ntimeout_ms = 5", "timeout_ms is 5"),
@@ -1145,8 +1157,7 @@ mod tests {
             ("token_env = \"A\"\nmount = \"../x\"", "mount"),
         ];
         for (extra, expected) in cases {
-            let err = Options::from_table(&context, &table(&format!("{base}{extra}")))
-                .unwrap_err();
+            let err = Options::from_table(&context, &table(&format!("{base}{extra}"))).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
             assert!(err.to_string().contains(expected), "{extra}: {err}");
             assert!(!err.to_string().contains("s.abc"), "{err}");

@@ -21,7 +21,10 @@ fn conforms_as_a_plugin() {
     let options = token_options(&bao, dir.path(), &bao.token);
     let provider = init_and_open(&plugin(), dir.path(), &options);
     assert_conforms(provider.as_ref());
-    assert_eq!(provider.to_string(), format!("openbao provider (transit/{KEY})"));
+    assert_eq!(
+        provider.to_string(),
+        format!("openbao provider (transit/{KEY})")
+    );
 
     let loaded = Plugin::load(&plugin()).unwrap();
     assert_eq!(loaded.name(), "openbao");
@@ -41,15 +44,25 @@ fn failure_kinds_cross_the_plugin_boundary() {
     let wrong = token_options(&bao, dir.path(), "s.wrong");
     let err = open_plugin(&plugin(), dir.path(), &wrong).err().unwrap();
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
-    assert!(err.to_string().contains(&format!("openbao at {}", bao.addr)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("openbao at {}", bao.addr)),
+        "{err}"
+    );
 
     // The server gone: unavailable, and no create.
     bao.stop();
     let err = provider.get(&id).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-    assert!(err.to_string().contains(&format!("openbao at {} unreachable", bao.addr)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("openbao at {} unreachable", bao.addr)),
+        "{err}"
+    );
     let other = KeyId::new("b").unwrap();
-    let err = provider.get_or_create(&other, KeySpec::default()).unwrap_err();
+    let err = provider
+        .get_or_create(&other, KeySpec::default())
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     assert_eq!(provider.list("").unwrap().len(), 1);
 }

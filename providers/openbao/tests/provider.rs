@@ -19,18 +19,26 @@ fn conforms_as_a_library() {
     let dir = private_dir();
     let provider = init_and_open(dir.path(), &token_options(&bao, dir.path(), &bao.token));
     assert_conforms(provider.as_ref());
-    assert_eq!(provider.to_string(), format!("openbao provider (transit/{KEY})"));
+    assert_eq!(
+        provider.to_string(),
+        format!("openbao provider (transit/{KEY})")
+    );
     assert!(provider.capabilities().durable);
 
     // The store holds Transit ciphertexts, never the key.
-    let key = provider.get_or_create(&id("cluster/wal"), KeySpec::default()).unwrap();
+    let key = provider
+        .get_or_create(&id("cluster/wal"), KeySpec::default())
+        .unwrap();
     let store = Store::open(&dir.path().join("store/keys.db")).unwrap();
     let record = store.latest(&id("cluster/wal")).unwrap().unwrap();
     assert!(record.wrapped.starts_with(b"vault:v1:"), "{record:?}");
     let blob = String::from_utf8(record.wrapped).unwrap();
     assert!(!blob.contains(&kms_core_hex(key.expose_secret())));
     let mode = std::fs::metadata(dir.path().join("store")).unwrap();
-    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777, 0o700);
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o700
+    );
 }
 
 fn kms_core_hex(bytes: &[u8]) -> String {
@@ -44,7 +52,9 @@ fn init_twice_is_refused_and_keys_survive_reopening() {
     let options = token_options(&bao, dir.path(), &bao.token);
     let first = {
         let provider = init_and_open(dir.path(), &options);
-        provider.get_or_create(&id("a"), KeySpec::default()).unwrap()
+        provider
+            .get_or_create(&id("a"), KeySpec::default())
+            .unwrap()
     };
     let err = (kms_openbao::registered().init.unwrap())(
         &common::context(dir.path()),
@@ -67,9 +77,15 @@ fn a_wrong_or_revoked_token_is_denied_and_creates_nothing() {
 
     // 1. A token the server does not know: opening is denied, naming the address.
     let wrong = token_options(&bao, dir.path(), "s.not-a-token");
-    let err = open(dir.path(), &wrong).err().expect("a wrong token is refused");
+    let err = open(dir.path(), &wrong)
+        .err()
+        .expect("a wrong token is refused");
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
-    assert!(err.to_string().contains(&format!("openbao at {} denied", bao.addr)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("openbao at {} denied", bao.addr)),
+        "{err}"
+    );
     assert!(!err.to_string().contains("not-a-token"), "{err}");
 
     // 2. A token revoked while the provider is open: reads and creates are denied, never
@@ -82,13 +98,25 @@ fn a_wrong_or_revoked_token_is_denied_and_creates_nothing() {
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
     assert_eq!(err.key_id(), Some(&id("kept")));
     for _ in 0..2 {
-        let err = provider.get_or_create(&id("new"), KeySpec::default()).unwrap_err();
+        let err = provider
+            .get_or_create(&id("new"), KeySpec::default())
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
-        assert!(err.to_string().contains("denied transit encrypt (403)"), "{err}");
+        assert!(
+            err.to_string().contains("denied transit encrypt (403)"),
+            "{err}"
+        );
     }
-    let err = provider.create(&id("new2"), KeySpec::default()).unwrap_err();
+    let err = provider
+        .create(&id("new2"), KeySpec::default())
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
-    let ids: Vec<String> = provider.list("").unwrap().into_iter().map(|k| k.id.to_string()).collect();
+    let ids: Vec<String> = provider
+        .list("")
+        .unwrap()
+        .into_iter()
+        .map(|k| k.id.to_string())
+        .collect();
     assert_eq!(ids, ["kept"]);
 }
 
@@ -103,17 +131,24 @@ fn a_wrapped_key_moved_to_another_id_or_version_fails_on_the_server() {
     drop(provider);
 
     // 1. Straight against Transit: the context of another id or version does not decrypt.
-    let parsed = kms_openbao::Options::from_table(&common::context(dir.path()), &common::table(&options))
-        .unwrap();
+    let parsed =
+        kms_openbao::Options::from_table(&common::context(dir.path()), &common::table(&options))
+            .unwrap();
     let transit = kms_openbao::transit(&parsed).unwrap();
     let store = Store::open(&dir.path().join("store/keys.db")).unwrap();
     let blob_a = store.latest(&id("a")).unwrap().unwrap();
     assert!(transit.unwrap(&id("a"), 1, &blob_a.wrapped).is_ok());
     for (other, version) in [("b", 1), ("a", 2), ("a/b", 1)] {
-        let err = transit.unwrap(&id(other), version, &blob_a.wrapped).unwrap_err();
+        let err = transit
+            .unwrap(&id(other), version, &blob_a.wrapped)
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Corrupted, "{err}");
         // The server refused it (the binding inside the plaintext was never reached).
-        assert!(err.to_string().contains("fails authentication by transit key"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("fails authentication by transit key"),
+            "{err}"
+        );
         assert_eq!(err.key_id(), Some(&id(other)));
     }
 
@@ -124,17 +159,31 @@ fn a_wrapped_key_moved_to_another_id_or_version_fails_on_the_server() {
     let provider = open(dir.path(), &options).unwrap();
     let err = provider.get(&id("b")).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Corrupted, "{err}");
-    assert!(err.to_string().starts_with("openbao provider (transit/kms): wrapped key \"b\""), "{err}");
-    assert_ne!(provider.get(&id("a")).unwrap().expose_secret(), b.expose_secret());
+    assert!(
+        err.to_string()
+            .starts_with("openbao provider (transit/kms): wrapped key \"b\""),
+        "{err}"
+    );
+    assert_ne!(
+        provider.get(&id("a")).unwrap().expose_secret(),
+        b.expose_secret()
+    );
 
     // 3. A damaged blob is corrupted too, not NotFound.
     let store = Store::open(&dir.path().join("store/keys.db")).unwrap();
     let mut bad = blob_a;
     let last = bad.wrapped.len() - 3;
-    bad.wrapped[last] = if bad.wrapped[last] == b'A' { b'B' } else { b'A' };
+    bad.wrapped[last] = if bad.wrapped[last] == b'A' {
+        b'B'
+    } else {
+        b'A'
+    };
     store.delete(&id("a")).unwrap();
     store.insert(&id("a"), bad).unwrap();
-    assert_eq!(provider.get(&id("a")).unwrap_err().kind(), ErrorKind::Corrupted);
+    assert_eq!(
+        provider.get(&id("a")).unwrap_err().kind(),
+        ErrorKind::Corrupted
+    );
 }
 
 #[test]
@@ -157,7 +206,12 @@ fn approle_logs_in_and_logs_in_again_when_the_token_expires() {
         "token_max_ttl=3s",
     ]);
     let role_id = bao.read_field("auth/approle/role/kms/role-id", "role_id");
-    let secret_id = bao.cli(&["write", "-f", "-field=secret_id", "auth/approle/role/kms/secret-id"]);
+    let secret_id = bao.cli(&[
+        "write",
+        "-f",
+        "-field=secret_id",
+        "auth/approle/role/kms/secret-id",
+    ]);
     write_private(dir.path(), "secret-id", secret_id.trim());
     let options = format!(
         "dir = \"store\"\naddress = \"{}\"\nkey = \"{KEY}\"\nrole_id = \"{role_id}\"\n\
@@ -165,15 +219,23 @@ fn approle_logs_in_and_logs_in_again_when_the_token_expires() {
         bao.addr
     );
     let provider = init_and_open(dir.path(), &options);
-    let a = provider.get_or_create(&id("a"), KeySpec::default()).unwrap();
+    let a = provider
+        .get_or_create(&id("a"), KeySpec::default())
+        .unwrap();
 
     // The token expires; the next calls log in again and go through.
     std::thread::sleep(std::time::Duration::from_secs(4));
     assert_eq!(provider.get(&id("a")).unwrap(), a);
-    provider.get_or_create(&id("b"), KeySpec::default()).unwrap();
+    provider
+        .get_or_create(&id("b"), KeySpec::default())
+        .unwrap();
 
     // The policy allows no create on encrypt: a wrong secret id is denied at login.
-    write_private(dir.path(), "secret-id", "00000000-0000-0000-0000-000000000000");
+    write_private(
+        dir.path(),
+        "secret-id",
+        "00000000-0000-0000-0000-000000000000",
+    );
     let err = open(dir.path(), &options).err().unwrap();
     assert_eq!(err.kind(), ErrorKind::Denied, "{err}");
     assert!(!err.to_string().contains(secret_id.trim()), "{err}");
@@ -194,7 +256,9 @@ fn the_second_address_serves_when_the_first_is_dead() {
         bao.addr
     );
     let provider = init_and_open(dir.path(), &options);
-    let a = provider.get_or_create(&id("a"), KeySpec::default()).unwrap();
+    let a = provider
+        .get_or_create(&id("a"), KeySpec::default())
+        .unwrap();
     assert_eq!(provider.get(&id("a")).unwrap(), a);
     assert_conforms(provider.as_ref());
 
@@ -207,7 +271,8 @@ fn the_second_address_serves_when_the_first_is_dead() {
     let err = open(dir.path(), &options).err().unwrap();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     assert!(
-        err.to_string().contains(&format!("openbao at http://127.0.0.1:{dead} unreachable")),
+        err.to_string()
+            .contains(&format!("openbao at http://127.0.0.1:{dead} unreachable")),
         "{err}"
     );
     // Two retries with backoff (100 ms, 200 ms), not more.
@@ -228,16 +293,27 @@ fn a_missing_or_unsuitable_transit_key_is_a_clear_error() {
         )
     };
     let init = |text: &str| {
-        (kms_openbao::registered().init.unwrap())(&common::context(dir.path()), &common::table(text))
+        (kms_openbao::registered().init.unwrap())(
+            &common::context(dir.path()),
+            &common::table(text),
+        )
     };
 
     let err = init(&options("nope", "transit")).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
-    assert!(err.to_string().contains("transit key \"nope\" at mount \"transit\" does not exist"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("transit key \"nope\" at mount \"transit\" does not exist"),
+        "{err}"
+    );
 
     let err = init(&options(KEY, "elsewhere")).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
-    assert!(err.to_string().contains("no transit engine at mount \"elsewhere\""), "{err}");
+    assert!(
+        err.to_string()
+            .contains("no transit engine at mount \"elsewhere\""),
+        "{err}"
+    );
 
     bao.cli(&["write", "-f", "transit/keys/plain"]);
     let err = init(&options("plain", "transit")).unwrap_err();
@@ -248,7 +324,11 @@ fn a_missing_or_unsuitable_transit_key_is_a_clear_error() {
     // A Transit key deleted under a running provider: a clear error, never NotFound.
     let provider = init_and_open(dir.path(), &options(KEY, "transit"));
     provider.create(&id("a"), KeySpec::default()).unwrap();
-    bao.cli(&["write", &format!("transit/keys/{KEY}/config"), "deletion_allowed=true"]);
+    bao.cli(&[
+        "write",
+        &format!("transit/keys/{KEY}/config"),
+        "deletion_allowed=true",
+    ]);
     bao.cli(&["delete", &format!("transit/keys/{KEY}")]);
     let err = provider.get(&id("a")).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
@@ -268,7 +348,9 @@ fn tls_with_a_configured_ca_file() {
         bao.ca_file().display()
     );
     let provider = init_and_open(dir.path(), &options);
-    let a = provider.get_or_create(&id("a"), KeySpec::default()).unwrap();
+    let a = provider
+        .get_or_create(&id("a"), KeySpec::default())
+        .unwrap();
     assert_eq!(provider.get(&id("a")).unwrap(), a);
 
     // Without the CA the server is not trusted: unavailable, not a silent plain connection.
@@ -278,5 +360,9 @@ fn tls_with_a_configured_ca_file() {
     );
     let err = open(dir.path(), &untrusted).err().unwrap();
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-    assert!(err.to_string().contains(&format!("openbao at {} unreachable", bao.addr)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("openbao at {} unreachable", bao.addr)),
+        "{err}"
+    );
 }

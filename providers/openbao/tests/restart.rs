@@ -1,7 +1,7 @@
 //! OpenBao stopped and started again under an open provider. The dev server keeps everything in
 //! memory (a restart would lose the Transit key), so this test runs a real server with raft
-//! storage (one node) on loopback, initialised and unsealed like a production one, and kills it (SIGKILL):
-//! the provider sees refused connections, as when a node dies.
+//! storage (one node) on loopback, initialised and unsealed like a production one, and kills
+//! it (SIGKILL): the provider sees refused connections, as when a node dies.
 
 mod common;
 

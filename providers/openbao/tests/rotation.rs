@@ -62,12 +62,23 @@ fn rotation_rewraps_every_key_on_the_server() {
     assert_eq!(rotated.rewrapped, 132);
     assert_eq!(rotated.transit_version, 2);
     assert_eq!(seen.last(), Some(&132));
-    assert!(seen.len() >= 3, "batches of {}: {seen:?}", kms_openbao::REWRAP_BATCH);
-    assert_eq!(bao.read_field(&format!("transit/keys/{KEY}"), "latest_version"), "2");
+    assert!(
+        seen.len() >= 3,
+        "batches of {}: {seen:?}",
+        kms_openbao::REWRAP_BATCH
+    );
+    assert_eq!(
+        bao.read_field(&format!("transit/keys/{KEY}"), "latest_version"),
+        "2"
+    );
     assert_eq!(blobs_under(dir.path(), "vault:v2:"), (132, 132));
 
     // Nothing is left for Transit key version 1: forbid it, and every key still reads.
-    bao.cli(&["write", &format!("transit/keys/{KEY}/config"), "min_decryption_version=2"]);
+    bao.cli(&[
+        "write",
+        &format!("transit/keys/{KEY}/config"),
+        "min_decryption_version=2",
+    ]);
     let provider = open(dir.path(), &text).unwrap();
     assert_all_read_back(provider.as_ref(), &keys);
     let new = KeyId::new("after/rotation").unwrap();
@@ -116,9 +127,17 @@ fn a_rotation_killed_in_the_middle_resumes_through_the_cli() {
             .unwrap()
     };
     let out = run(&["init"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = run(&["get-or-create", "cli/key"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cli_key = String::from_utf8(out.stdout).unwrap();
 
     let text = format!(
@@ -150,7 +169,10 @@ fn a_rotation_killed_in_the_middle_resumes_through_the_cli() {
     let store = Store::open(&dir.path().join("store/keys.db")).unwrap();
     let counts = store.count_by_kek().unwrap();
     drop(store);
-    assert!(counts.len() == 2 && counts[0].0 == 1 && counts[1].0 == 2, "{counts:?}");
+    assert!(
+        counts.len() == 2 && counts[0].0 == 1 && counts[1].0 == 2,
+        "{counts:?}"
+    );
     let provider = open(dir.path(), &text).unwrap();
     assert_all_read_back(provider.as_ref(), &keys);
     // A key created now is written for the new generation.
@@ -167,16 +189,30 @@ fn a_rotation_killed_in_the_middle_resumes_through_the_cli() {
         stderr.contains("kms: resumed and finished the KEK rotation from generation 1 to 2"),
         "{stderr}"
     );
-    assert_eq!(bao.read_field(&format!("transit/keys/{KEY}"), "latest_version"), "2");
-    assert_eq!(blobs_under(dir.path(), "vault:v2:"), (keys.len() + 2, keys.len() + 2));
+    assert_eq!(
+        bao.read_field(&format!("transit/keys/{KEY}"), "latest_version"),
+        "2"
+    );
+    assert_eq!(
+        blobs_under(dir.path(), "vault:v2:"),
+        (keys.len() + 2, keys.len() + 2)
+    );
 
     // 4. Version 1 forbidden: everything reads, through the library and the CLI.
-    bao.cli(&["write", &format!("transit/keys/{KEY}/config"), "min_decryption_version=2"]);
+    bao.cli(&[
+        "write",
+        &format!("transit/keys/{KEY}/config"),
+        "min_decryption_version=2",
+    ]);
     let provider = open(dir.path(), &text).unwrap();
     assert_all_read_back(provider.as_ref(), &keys);
     let id = KeyId::new("during/rotation").unwrap();
     assert_eq!(provider.get(&id).unwrap(), during);
     let out = run(&["get", "cli/key"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(String::from_utf8(out.stdout).unwrap(), cli_key);
 }

