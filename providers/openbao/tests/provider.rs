@@ -366,3 +366,43 @@ fn tls_with_a_configured_ca_file() {
         "{err}"
     );
 }
+
+#[test]
+fn throttling_is_unavailable_says_so_and_creates_nothing() {
+    let bao = Bao::dev();
+    let dir = private_dir();
+    let options = token_options(&bao, dir.path(), &bao.token);
+    let provider = init_and_open(dir.path(), &options);
+    let a = provider
+        .get_or_create(&id("a"), KeySpec::default())
+        .unwrap();
+
+    // A real rate-limit quota on the Transit mount: one request a minute.
+    bao.cli(&[
+        "write",
+        "sys/quotas/rate-limit/kms",
+        "rate=1",
+        "interval=60s",
+        "path=transit/",
+    ]);
+    let err = (0..5)
+        .find_map(|_| provider.get(&id("a")).err())
+        .expect("the quota throttles");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string().contains(&format!(
+            "openbao at {} is throttling requests (429)",
+            bao.addr
+        )),
+        "{err}"
+    );
+    let err = provider
+        .get_or_create(&id("b"), KeySpec::default())
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert_eq!(provider.list("").unwrap().len(), 1);
+
+    // The quota lifted, the same provider serves.
+    bao.cli(&["delete", "sys/quotas/rate-limit/kms"]);
+    assert_eq!(provider.get(&id("a")).unwrap(), a);
+}

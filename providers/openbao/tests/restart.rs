@@ -43,3 +43,38 @@ fn service_resumes_after_a_restart_without_reopening_the_provider() {
     let created = provider.get_or_create(&b, KeySpec::default()).unwrap();
     assert_eq!(provider.get(&b).unwrap(), created);
 }
+
+#[test]
+fn a_sealed_first_address_is_skipped_for_the_next() {
+    let mut sealed = Bao::persistent();
+    sealed.stop();
+    sealed.start_sealed();
+    let live = Bao::dev();
+    let dir = private_dir();
+    common::write_private(dir.path(), "token", &live.token);
+    let options = format!(
+        "dir = \"store\"\naddress = [\"{}\", \"{}\"]\nkey = \"{}\"\ntoken_file = \"token\"\n\
+         retries = 0\n",
+        sealed.addr,
+        live.addr,
+        common::KEY
+    );
+    let provider = init_and_open(dir.path(), &options);
+    let id = KeyId::new("a").unwrap();
+    let key = provider.get_or_create(&id, KeySpec::default()).unwrap();
+    assert_eq!(provider.get(&id).unwrap(), key);
+
+    // The sealed node alone: unavailable, saying it is sealed.
+    let options = format!(
+        "dir = \"store\"\naddress = \"{}\"\nkey = \"{}\"\ntoken_file = \"token\"\nretries = 0\n",
+        sealed.addr,
+        common::KEY
+    );
+    let err = common::open(dir.path(), &options).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string()
+            .contains("sealed or has no active node (503)"),
+        "{err}"
+    );
+}

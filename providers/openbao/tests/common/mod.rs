@@ -191,8 +191,7 @@ impl Bao {
     }
 
     /// A single-node server with raft storage in a directory (it survives `stop` and `start`),
-    /// initialised and unsealed,
-    /// Transit enabled and the derived key `kms` made.
+    /// initialised and unsealed, Transit enabled and the derived key `kms` made.
     pub fn persistent() -> Bao {
         let mut bao = Bao {
             child: None,
