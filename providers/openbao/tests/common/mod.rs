@@ -172,13 +172,34 @@ impl Bao {
         Bao::dev_with(true)
     }
 
+    /// A dev server with a file audit device writing to `audit_log()`. OpenBao 2 refuses to
+    /// enable audit devices through the API: this one is declared in a configuration file.
+    pub fn dev_audited() -> Bao {
+        let dir = tempfile::tempdir().unwrap();
+        let stanza = format!(
+            "audit \"file\" \"kms-test\" {{\n  options {{\n    file_path = \"{}\"\n  }}\n}}\n",
+            dir.path().join("audit.log").display()
+        );
+        std::fs::write(dir.path().join("audit.hcl"), stanza).unwrap();
+        Bao::dev_in(dir, false)
+    }
+
+    /// The audit log of [`dev_audited`](Bao::dev_audited).
+    pub fn audit_log(&self) -> PathBuf {
+        self.dir.path().join("audit.log")
+    }
+
     fn dev_with(tls: bool) -> Bao {
+        Bao::dev_in(tempfile::tempdir().unwrap(), tls)
+    }
+
+    fn dev_in(dir: tempfile::TempDir, tls: bool) -> Bao {
         let scheme = if tls { "https" } else { "http" };
         let mut bao = Bao {
             child: None,
             addr: String::new(),
             token: random_hex(16),
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             port: 0,
             unseal_key: None,
             tls,
@@ -265,6 +286,10 @@ impl Bao {
                 .arg("-dev")
                 .arg(format!("-dev-root-token-id={}", self.token))
                 .arg(format!("-dev-listen-address=127.0.0.1:{}", self.port));
+            let audit = self.dir.path().join("audit.hcl");
+            if audit.exists() {
+                command.arg(format!("-config={}", audit.display()));
+            }
             if self.tls {
                 command
                     .arg("-dev-tls")
