@@ -214,6 +214,40 @@ impl Bao {
     /// A single-node server with raft storage in a directory (it survives `stop` and `start`),
     /// initialised and unsealed, Transit enabled and the derived key `kms` made.
     pub fn persistent() -> Bao {
+        let mut bao = Bao::raft_node("kms-test");
+        let init = bao.cli(&[
+            "operator",
+            "init",
+            "-key-shares=1",
+            "-key-threshold=1",
+            "-format=json",
+        ]);
+        let init: serde_json::Value = serde_json::from_str(&init).unwrap();
+        bao.token = init["root_token"].as_str().unwrap().to_string();
+        bao.unseal_key = Some(init["unseal_keys_b64"][0].as_str().unwrap().to_string());
+        bao.unseal();
+        bao.setup_transit();
+        bao
+    }
+
+    /// A node that joins the raft cluster of `leader` (`bao operator raft join`) and is unsealed
+    /// with its key: a standby, which forwards requests to the active node.
+    pub fn join(leader: &Bao, node_id: &str) -> Bao {
+        let mut bao = Bao::raft_node(node_id);
+        bao.token = leader.token.clone();
+        bao.cli(&["operator", "raft", "join", &leader.addr]);
+        bao.unseal_key = leader.unseal_key.clone();
+        let key = bao.unseal_key.clone().unwrap();
+        bao.cli(&["operator", "unseal", &key]);
+        // sys/health answers 429 on an unsealed standby.
+        if let Err(log) = bao.wait_for(&[200, 429, 473], Duration::from_secs(60)) {
+            panic!("bao node {node_id} at {} did not join:\n{log}", bao.addr);
+        }
+        bao
+    }
+
+    /// A raft node started on free ports, uninitialised.
+    fn raft_node(node_id: &str) -> Bao {
         let mut bao = Bao {
             child: None,
             addr: String::new(),
@@ -228,7 +262,7 @@ impl Bao {
             let data = bao.dir.path().join("data");
             std::fs::create_dir_all(&data).unwrap();
             let config = format!(
-                "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"kms-test\"\n}}\n\
+                "storage \"raft\" {{\n  path = \"{}\"\n  node_id = \"{node_id}\"\n}}\n\
                  listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  \
                  cluster_address = \"127.0.0.1:{}\"\n  tls_disable = true\n}}\n\
                  api_addr = \"http://127.0.0.1:{port}\"\n\
@@ -240,18 +274,6 @@ impl Bao {
             std::fs::write(bao.dir.path().join("server.hcl"), config).unwrap();
             bao.addr = format!("http://127.0.0.1:{port}");
         });
-        let init = bao.cli(&[
-            "operator",
-            "init",
-            "-key-shares=1",
-            "-key-threshold=1",
-            "-format=json",
-        ]);
-        let init: serde_json::Value = serde_json::from_str(&init).unwrap();
-        bao.token = init["root_token"].as_str().unwrap().to_string();
-        bao.unseal_key = Some(init["unseal_keys_b64"][0].as_str().unwrap().to_string());
-        bao.unseal();
-        bao.setup_transit();
         bao
     }
 
