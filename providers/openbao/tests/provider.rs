@@ -406,3 +406,32 @@ fn throttling_is_unavailable_says_so_and_creates_nothing() {
     bao.cli(&["delete", "sys/quotas/rate-limit/kms"]);
     assert_eq!(provider.get(&id("a")).unwrap(), a);
 }
+
+#[test]
+fn a_server_that_never_answers_times_out_as_unavailable() {
+    // A socket that accepts connections (the kernel does) and never answers: a hung node.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("http://{}", hung.local_addr().unwrap());
+    let dir = private_dir();
+    write_private(dir.path(), "token", "s.some-token");
+    let options = format!(
+        "dir = \"store\"\naddress = \"{addr}\"\nkey = \"{KEY}\"\ntoken_file = \"token\"\n\
+         timeout_ms = 300\nretries = 1\n"
+    );
+    let started = std::time::Instant::now();
+    let err = (kms_openbao::registered().init.unwrap())(
+        &common::context(dir.path()),
+        &common::table(&options),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("openbao at {addr} unreachable: timed out")),
+        "{err}"
+    );
+    // Two attempts of 300 ms and one backoff of 100 ms: bounded.
+    assert!(started.elapsed() >= std::time::Duration::from_millis(600));
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(!dir.path().join("store/keys.db").exists());
+}
