@@ -435,3 +435,46 @@ fn a_server_that_never_answers_times_out_as_unavailable() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert!(!dir.path().join("store/keys.db").exists());
 }
+
+#[test]
+fn a_namespace_is_sent_and_keeps_its_keys_apart() {
+    let bao = Bao::dev();
+    bao.cli(&["namespace", "create", "team-a"]);
+    bao.cli(&["secrets", "enable", "-namespace=team-a", "transit"]);
+    bao.cli(&[
+        "write",
+        "-namespace=team-a",
+        "transit/keys/ns-only",
+        "derived=true",
+    ]);
+    let dir = private_dir();
+    write_private(dir.path(), "token", &bao.token);
+    let options = |namespace: &str| {
+        format!(
+            "dir = \"store\"\naddress = \"{}\"\nkey = \"ns-only\"\ntoken_file = \"token\"\n{namespace}",
+            bao.addr
+        )
+    };
+
+    // Outside the namespace the key does not exist.
+    let err = (kms_openbao::registered().init.unwrap())(
+        &common::context(dir.path()),
+        &common::table(&options("")),
+    )
+    .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
+
+    // Inside it, the provider works; the namespace is part of the fingerprint.
+    let inside = options("namespace = \"team-a\"\n");
+    let provider = init_and_open(dir.path(), &inside);
+    let a = provider
+        .get_or_create(&id("a"), KeySpec::default())
+        .unwrap();
+    assert_eq!(provider.get(&id("a")).unwrap(), a);
+    assert_conforms(provider.as_ref());
+    // A key of the same name outside the namespace is another KEK: wrong KEK, not a key
+    // store silently read with another key.
+    bao.cli(&["write", "transit/keys/ns-only", "derived=true"]);
+    let err = open(dir.path(), &options("")).err().unwrap();
+    assert_eq!(err.kind(), ErrorKind::WrongKek, "{err}");
+}
