@@ -451,7 +451,8 @@ fn a_namespace_is_sent_and_keeps_its_keys_apart() {
     write_private(dir.path(), "token", &bao.token);
     let options = |namespace: &str| {
         format!(
-            "dir = \"store\"\naddress = \"{}\"\nkey = \"ns-only\"\ntoken_file = \"token\"\n{namespace}",
+            "dir = \"store\"\naddress = \"{}\"\nkey = \"ns-only\"\n\
+             token_file = \"token\"\n{namespace}",
             bao.addr
         )
     };
