@@ -1035,12 +1035,17 @@ pub struct Rotated {
 pub fn rotate_kek(options: &Options, mut progress: impl FnMut(usize)) -> Result<Rotated> {
     let name = options.display_name();
     let done = (|| -> Result<Rotated> {
+        // The envelope provider checks the store's fingerprint against the Transit key; the
+        // rotation then works on its store and the shared Transit key directly.
         let (store, transit) = open_parts(options)?;
-        let provider = EnvelopeProvider::open(name.clone(), store, Box::new(transit))?;
+        let transit = Arc::new(transit);
+        let provider = EnvelopeProvider::open(
+            name.clone(),
+            store,
+            Box::new(SharedTransit(transit.clone())),
+        )?;
         let store = provider.store();
         let from = provider.current_generation();
-        // The Transit key, reached through the provider's own wrapper: the same client.
-        let transit = self::transit(options)?;
 
         // 1. Start, or find, the rotation: the target generation (same Transit key, same
         //    fingerprint) and the Transit version before rotating, in one transaction.
