@@ -169,7 +169,8 @@ enum Command {
     /// Manage the passphrase slots of a command-provider store.
     #[command(subcommand)]
     Slot(SlotCommand),
-    /// Rotate the command provider's master key: re-wraps every key; resumable after a crash.
+    /// Rotate the KEK (command provider: the master key; openbao: the Transit key), re-wrap
+    /// every key; resumable after a crash.
     RotateKek,
 }
 
@@ -229,6 +230,7 @@ fn registry() -> Registry {
     let mut registry = Registry::new();
     registry.register(kms_file::registered());
     registry.register(kms_command::registered());
+    registry.register(kms_openbao::registered());
     registry.register(kms_client::exec::registered());
     // A provider name finds its plugin (libkms_<name>.so) first; the linked-in providers
     // serve when there is none, so that a lone `kms` binary still works.
@@ -487,21 +489,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             crypt::decrypt(|| open(&cli, &registry), range, files)?;
         }
         Command::Slot(slot) => run_slot(&cli, slot)?,
-        Command::RotateKek => {
-            let options = command_options(&cli)?;
-            let rotated = kms_command::rotate_kek(&options, |done| {
-                eprintln!("kms: re-wrapped {done} keys");
-            })?;
-            let how = if rotated.resumed {
-                "resumed and finished"
-            } else {
-                "finished"
-            };
-            eprintln!(
-                "kms: {how} the KEK rotation from generation {} to {}: {} keys re-wrapped",
-                rotated.from, rotated.to, rotated.rewrapped
-            );
-        }
+        Command::RotateKek => rotate_kek(&cli)?,
         Command::Delete { id, yes } => {
             let id = key_id(id)?;
             if !yes {
@@ -514,6 +502,37 @@ fn run(cli: Cli) -> Result<(), Failure> {
             eprintln!("kms: deleted key \"{id}\" from {provider}");
         }
     }
+    Ok(())
+}
+
+/// `kms rotate-kek`: the KEK rotation of the configured provider, for the providers that have
+/// one (command, openbao).
+fn rotate_kek(cli: &Cli) -> Result<(), Failure> {
+    let config = load_config(cli)?;
+    let progress = |done: usize| eprintln!("kms: re-wrapped {done} keys");
+    let (from, to, resumed, rewrapped) = match config.provider.name.as_str() {
+        "openbao" => {
+            let context = kms_core::config::Context {
+                base_dir: config.base_dir.clone(),
+            };
+            let options = kms_openbao::Options::from_table(&context, &config.provider.options)?;
+            let r = kms_openbao::rotate_kek(&options, progress)?;
+            (r.from, r.to, r.resumed, r.rewrapped)
+        }
+        _ => {
+            let options = command_options(cli)?;
+            let r = kms_command::rotate_kek(&options, progress)?;
+            (r.from, r.to, r.resumed, r.rewrapped)
+        }
+    };
+    let how = if resumed {
+        "resumed and finished"
+    } else {
+        "finished"
+    };
+    eprintln!(
+        "kms: {how} the KEK rotation from generation {from} to {to}: {rewrapped} keys re-wrapped"
+    );
     Ok(())
 }
 
