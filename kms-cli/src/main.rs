@@ -169,7 +169,8 @@ enum Command {
     /// Manage the passphrase slots of a command-provider store.
     #[command(subcommand)]
     Slot(SlotCommand),
-    /// Rotate the command provider's master key: re-wraps every key; resumable after a crash.
+    /// Rotate the KEK (command: the master key; pkcs11: a new key in the token): re-wraps every
+    /// key; resumable after a crash.
     RotateKek,
 }
 
@@ -230,6 +231,7 @@ fn registry() -> Registry {
     registry.register(kms_file::registered());
     registry.register(kms_command::registered());
     registry.register(kms_client::exec::registered());
+    registry.register(kms_pkcs11::registered());
     // A provider name finds its plugin (libkms_<name>.so) first; the linked-in providers
     // serve when there is none, so that a lone `kms` binary still works.
     registry.enable_plugins();
@@ -478,6 +480,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
             crypt::decrypt(|| open(&cli, &registry), range, files)?;
         }
         Command::Slot(slot) => run_slot(&cli, slot)?,
+        Command::RotateKek if load_config(&cli)?.provider.name == "pkcs11" => {
+            let config = load_config(&cli)?;
+            let context = kms_core::config::Context {
+                base_dir: config.base_dir.clone(),
+            };
+            let options = kms_pkcs11::Options::from_table(&context, &config.provider.options)?;
+            let rotated = kms_pkcs11::rotate_kek(&options, |done| {
+                eprintln!("kms: re-wrapped {done} keys");
+            })?;
+            let how = if rotated.resumed {
+                "resumed and finished"
+            } else {
+                "finished"
+            };
+            eprintln!(
+                "kms: {how} the KEK rotation from generation {} to {} (token key \"{}\"): {} keys \
+                 re-wrapped",
+                rotated.from, rotated.to, rotated.label, rotated.rewrapped
+            );
+        }
         Command::RotateKek => {
             let options = command_options(&cli)?;
             let rotated = kms_command::rotate_kek(&options, |done| {
