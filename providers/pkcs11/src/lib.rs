@@ -95,20 +95,26 @@ impl Options {
         let invalid = |message: String| Err(Error::new(ErrorKind::InvalidConfig, message));
         match (&self.pin_env, &self.pin_command) {
             (Some(_), Some(_)) => {
-                return invalid("options of provider \"pkcs11\": give pin_env or pin_command, \
+                return invalid(
+                    "options of provider \"pkcs11\": give pin_env or pin_command, \
                                 not both"
-                    .into());
+                        .into(),
+                );
             }
             (None, None) => {
-                return invalid("options of provider \"pkcs11\": the PIN comes from pin_env \
+                return invalid(
+                    "options of provider \"pkcs11\": the PIN comes from pin_env \
                                 (an environment variable's name) or pin_command; a PIN is \
                                 never written in the configuration"
-                    .into());
+                        .into(),
+                );
             }
             _ => {}
         }
-        for (name, value) in [("token_label", &self.token_label), ("key_label", &self.key_label)]
-        {
+        for (name, value) in [
+            ("token_label", &self.token_label),
+            ("key_label", &self.key_label),
+        ] {
             // PKCS#11 token labels are 32 bytes; key labels have no limit, but keep them sane.
             let max = if name == "token_label" { 32 } else { 100 };
             if value.is_empty() || value.len() > max || value.chars().any(char::is_control) {
@@ -300,7 +306,10 @@ impl Opened {
         let label = generation_label(&self.store, self.current)?;
         let current = TokenKek::require(&self.token, &label)?;
         let target = match self.target {
-            Some(t) => Some((t, TokenKek::require(&self.token, &generation_label(&self.store, t)?)?)),
+            Some(t) => Some((
+                t,
+                TokenKek::require(&self.token, &generation_label(&self.store, t)?)?,
+            )),
             None => None,
         };
         let mut provider = EnvelopeProvider::open(name, self.store, Box::new(current))?;

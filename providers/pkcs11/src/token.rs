@@ -172,9 +172,12 @@ impl Token {
             }
         };
         drop(state);
-        let session = context
-            .open_rw_session(slot)
-            .map_err(|e| ck_error(e, &format!("cannot open a session on token \"{}\"", self.label)))?;
+        let session = context.open_rw_session(slot).map_err(|e| {
+            ck_error(
+                e,
+                &format!("cannot open a session on token \"{}\"", self.label),
+            )
+        })?;
         self.login(&session, slot)?;
         Ok(Lease {
             token: self,
@@ -312,7 +315,9 @@ pub(crate) struct Lease<'a> {
 
 impl Lease<'_> {
     pub(crate) fn session(&self) -> &Session {
-        self.session.as_ref().expect("a lease holds its session until dropped")
+        self.session
+            .as_ref()
+            .expect("a lease holds its session until dropped")
     }
 
     /// Closes the session instead of returning it to the pool: after an error that may have
@@ -329,8 +334,7 @@ impl Drop for Lease<'_> {
             return;
         };
         let mut state = self.token.lock();
-        if state.pid == self.pid && std::process::id() == self.pid && state.idle.len() < MAX_IDLE
-        {
+        if state.pid == self.pid && std::process::id() == self.pid && state.idle.len() < MAX_IDLE {
             state.idle.push(session);
         } else if std::process::id() != self.pid {
             std::mem::forget(session);
@@ -355,11 +359,27 @@ pub(crate) fn rv_name(rv: RvError) -> String {
 pub(crate) fn rv_kind(rv: RvError) -> ErrorKind {
     use RvError::*;
     match rv {
-        PinIncorrect | PinInvalid | PinLenRange | PinExpired | PinLocked
-        | UserPinNotInitialized | UserNotLoggedIn | UserTypeInvalid => ErrorKind::Denied,
-        TokenNotPresent | TokenNotRecognized | DeviceRemoved | DeviceError | DeviceMemory
-        | SessionClosed | SessionHandleInvalid | SessionCount | CryptokiNotInitialized
-        | SlotIdInvalid | FunctionFailed | GeneralError | HostMemory => ErrorKind::Unavailable,
+        PinIncorrect
+        | PinInvalid
+        | PinLenRange
+        | PinExpired
+        | PinLocked
+        | UserPinNotInitialized
+        | UserNotLoggedIn
+        | UserTypeInvalid => ErrorKind::Denied,
+        TokenNotPresent
+        | TokenNotRecognized
+        | DeviceRemoved
+        | DeviceError
+        | DeviceMemory
+        | SessionClosed
+        | SessionHandleInvalid
+        | SessionCount
+        | CryptokiNotInitialized
+        | SlotIdInvalid
+        | FunctionFailed
+        | GeneralError
+        | HostMemory => ErrorKind::Unavailable,
         _ => ErrorKind::Other,
     }
 }

@@ -227,9 +227,10 @@ impl TokenKek {
             let lease = self.token.session()?;
             let key = self.handle(lease.session())?;
             match f(lease.session(), key) {
-                Err(CkError::Pkcs11(RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid, _))
-                    if attempt == 0 =>
-                {
+                Err(CkError::Pkcs11(
+                    RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
+                    _,
+                )) if attempt == 0 => {
                     self.token.forget_handle(&self.label);
                 }
                 Err(CkError::Pkcs11(
@@ -239,13 +240,19 @@ impl TokenKek {
                     lease.discard();
                     return Err(Error::new(
                         ErrorKind::Unavailable,
-                        format!("{doing}: the session to token \"{}\" broke", self.token.label()),
+                        format!(
+                            "{doing}: the session to token \"{}\" broke",
+                            self.token.label()
+                        ),
                     ));
                 }
                 other => return Ok(other),
             }
         }
-        let message = format!("{doing}: the handle of KEK \"{}\" keeps changing", self.label);
+        let message = format!(
+            "{doing}: the handle of KEK \"{}\" keeps changing",
+            self.label
+        );
         Err(Error::new(ErrorKind::Unavailable, message))
     }
 }

@@ -67,12 +67,24 @@ fn killed_rotation_resumes() {
     };
     let kms = kms();
     let config = hsm.dir.join("kms.toml");
-    let text = format!("[provider]\nname = \"pkcs11\"\n[provider.options]\n{}", options("store"));
+    let text = format!(
+        "[provider]\nname = \"pkcs11\"\n[provider.options]\n{}",
+        options("store")
+    );
     std::fs::write(&config, text).unwrap();
 
     // 1. init through the CLI, 1,000 keys through the library.
-    let out = Command::new(&kms).arg("--config").arg(&config).arg("init").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&kms)
+        .arg("--config")
+        .arg(&config)
+        .arg("init")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let mut before = HashMap::new();
     {
         let provider = kms_pkcs11::open(&parse(&hsm, &options("store"))).unwrap();
@@ -91,7 +103,10 @@ fn killed_rotation_resumes() {
     child.0.kill().unwrap();
     child.0.wait().unwrap();
     assert!(line.contains("re-wrapped 256 keys"), "{line}");
-    assert!(rotation_pending(&hsm), "the kill landed after the rotation finished");
+    assert!(
+        rotation_pending(&hsm),
+        "the kill landed after the rotation finished"
+    );
     check_all(&hsm, &before);
 
     // 3. Killed at random points of the resumed rotation, each time leaving every key intact.
@@ -100,17 +115,25 @@ fn killed_rotation_resumes() {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .subsec_nanos();
-        let delay = Duration::from_millis(u64::from(nanos % 400));
+        let delay = Duration::from_millis(u64::from(nanos % 200));
         let mut child = rotate(&kms, &config);
         std::thread::sleep(delay);
         let _ = child.0.kill();
         child.0.wait().unwrap();
-        eprintln!("round {round}: killed after {delay:?}; pending {}", rotation_pending(&hsm));
+        eprintln!(
+            "round {round}: killed after {delay:?}; pending {}",
+            rotation_pending(&hsm)
+        );
         check_all(&hsm, &before);
     }
 
     // 4. Run to the end: finished, one generation left, every key intact.
-    let out = Command::new(&kms).arg("--config").arg(&config).arg("rotate-kek").output().unwrap();
+    let out = Command::new(&kms)
+        .arg("--config")
+        .arg(&config)
+        .arg("rotate-kek")
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.contains("finished the KEK rotation"), "{stderr}");

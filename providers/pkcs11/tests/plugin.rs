@@ -23,7 +23,10 @@ fn plugin_conforms() {
     assert_conforms(provider.as_ref());
     let name = provider.to_string();
     assert!(
-        name.starts_with(&format!("pkcs11 provider at {}", hsm.dir.join("store").display())),
+        name.starts_with(&format!(
+            "pkcs11 provider at {}",
+            hsm.dir.join("store").display()
+        )),
         "{name}"
     );
 
@@ -33,7 +36,9 @@ fn plugin_conforms() {
     drop(provider);
     let library = kms_pkcs11::open(&parse(&hsm, &options("store"))).unwrap();
     assert_eq!(
-        kms_core::KeyProvider::get(&library, &id).unwrap().expose_secret(),
+        kms_core::KeyProvider::get(&library, &id)
+            .unwrap()
+            .expose_secret(),
         key.expose_secret()
     );
 }
@@ -52,7 +57,9 @@ fn plugin_keeps_error_kinds() {
     assert!(err.to_string().contains("CKR_PIN_INCORRECT"), "{err}");
 
     let absent = options_text("store", "no-such-token", KEY, PIN_ENV);
-    let err = open_plugin(&path, &hsm.dir, &absent).err().expect("unavailable");
+    let err = open_plugin(&path, &hsm.dir, &absent)
+        .err()
+        .expect("unavailable");
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
 
     let provider = open_plugin(&path, &hsm.dir, &options("store")).unwrap();

@@ -66,7 +66,9 @@ fn library_conforms_and_the_kek_stays_in_the_token() {
         }
     }
     assert_eq!(attributes.len(), wanted.len());
-    let value = session.get_attributes(keys[0], &[AttributeType::Value]).unwrap();
+    let value = session
+        .get_attributes(keys[0], &[AttributeType::Value])
+        .unwrap();
     assert!(value.is_empty(), "the KEK's value must not be readable");
 
     // 3. Keys survive reopening; a second init finds the store.
@@ -74,7 +76,10 @@ fn library_conforms_and_the_kek_stays_in_the_token() {
     let first = provider.get_or_create(&id, KeySpec::default()).unwrap();
     drop(provider);
     let again = kms_pkcs11::open(&parse(&hsm, &options("store"))).unwrap();
-    assert_eq!(again.get(&id).unwrap().expose_secret(), first.expose_secret());
+    assert_eq!(
+        again.get(&id).unwrap().expose_secret(),
+        first.expose_secret()
+    );
     let err = kms_pkcs11::init(&parse(&hsm, &options("store"))).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
 
@@ -116,7 +121,10 @@ fn wrong_pin_is_denied_and_creates_nothing() {
     let shown = err.to_string();
     assert!(shown.contains("CKR_PIN_INCORRECT"), "{shown}");
     assert!(shown.contains(MODULE) && shown.contains(TOKEN), "{shown}");
-    assert!(!shown.contains("9999"), "the PIN must not be shown: {shown}");
+    assert!(
+        !shown.contains("9999"),
+        "the PIN must not be shown: {shown}"
+    );
     assert!(!hsm.dir.join("store").exists());
     assert!(keys_labelled(&raw_session(), KEY).is_empty());
 
@@ -149,13 +157,19 @@ fn missing_module_token_and_key_are_told_apart() {
     let text = options("store").replace(MODULE, "/nonexistent/libpkcs11.so");
     let err = open_err(&hsm, &text);
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
-    assert!(err.to_string().contains("/nonexistent/libpkcs11.so"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/libpkcs11.so"),
+        "{err}"
+    );
 
     // A token that is not there.
     let text = options_text("store", "no-such-token", KEY, PIN_ENV);
     let err = open_err(&hsm, &text);
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
-    assert!(err.to_string().contains("\"no-such-token\" is not present"), "{err}");
+    assert!(
+        err.to_string().contains("\"no-such-token\" is not present"),
+        "{err}"
+    );
 
     // The KEK deleted from the token: a clear error, never "key not found".
     let session = raw_session();
@@ -164,7 +178,10 @@ fn missing_module_token_and_key_are_told_apart() {
     }
     let err = open_err(&hsm, &options("store"));
     assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{err}");
-    assert!(err.to_string().contains("the KEK \"kms-kek\" is missing"), "{err}");
+    assert!(
+        err.to_string().contains("the KEK \"kms-kek\" is missing"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -202,7 +219,10 @@ fn moved_or_altered_blob_is_corrupted() {
     provider.get(&a).unwrap();
     let err = provider.get(&b).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Corrupted, "{err}");
-    assert!(err.to_string().contains("another key id or version"), "{err}");
+    assert!(
+        err.to_string().contains("another key id or version"),
+        "{err}"
+    );
     let err = provider.get(&c).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Corrupted, "{err}");
     assert!(err.to_string().contains("integrity"), "{err}");
@@ -291,7 +311,10 @@ fn rotation_rewraps_a_thousand_keys() {
         let key = provider.get_version(id, 1).unwrap();
         assert_eq!(key.expose_secret(), bytes.as_slice(), "{id}");
     }
-    assert_eq!(provider.get(&id).unwrap().expose_secret(), v2.expose_secret());
+    assert_eq!(
+        provider.get(&id).unwrap().expose_secret(),
+        v2.expose_secret()
+    );
     let counts = provider.store().count_by_kek().unwrap();
     assert_eq!(counts, vec![(2, 1001)]);
 
@@ -301,13 +324,22 @@ fn rotation_rewraps_a_thousand_keys() {
     }
     drop(provider);
     let provider = kms_pkcs11::open(&options).unwrap();
-    assert_eq!(provider.get(&id).unwrap().expose_secret(), v2.expose_secret());
+    assert_eq!(
+        provider.get(&id).unwrap().expose_secret(),
+        v2.expose_secret()
+    );
 
     // 4. And again, to generation 3.
     let rotated = kms_pkcs11::rotate_kek(&options, |_| {}).unwrap();
-    assert_eq!((rotated.from, rotated.to, rotated.label.as_str()), (2, 3, "kms-kek.g3"));
+    assert_eq!(
+        (rotated.from, rotated.to, rotated.label.as_str()),
+        (2, 3, "kms-kek.g3")
+    );
     let provider = kms_pkcs11::open(&options).unwrap();
     for (id, bytes) in before.iter().take(50) {
-        assert_eq!(provider.get_version(id, 1).unwrap().expose_secret(), bytes.as_slice());
+        assert_eq!(
+            provider.get_version(id, 1).unwrap().expose_secret(),
+            bytes.as_slice()
+        );
     }
 }

@@ -149,14 +149,19 @@ pub fn raw_session() -> cryptoki::session::Session {
     let session = pkcs11.open_rw_session(slot).unwrap();
     let pin = cryptoki::types::AuthPin::from(PIN.to_string());
     match session.login(cryptoki::session::UserType::User, Some(&pin)) {
-        Ok(()) | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {}
+        Ok(())
+        | Err(cryptoki::error::Error::Pkcs11(cryptoki::error::RvError::UserAlreadyLoggedIn, _)) => {
+        }
         Err(e) => panic!("C_Login: {e}"),
     }
     session
 }
 
 /// The AES key objects labelled `label` on the test token.
-pub fn keys_labelled(session: &cryptoki::session::Session, label: &str) -> Vec<cryptoki::object::ObjectHandle> {
+pub fn keys_labelled(
+    session: &cryptoki::session::Session,
+    label: &str,
+) -> Vec<cryptoki::object::ObjectHandle> {
     use cryptoki::object::{Attribute, KeyType, ObjectClass};
     session
         .find_objects(&[
