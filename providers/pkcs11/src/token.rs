@@ -127,6 +127,16 @@ impl Token {
         Ok(token)
     }
 
+    /// The token and its module, for messages that may cross a plugin boundary without the
+    /// provider's name.
+    fn shown(&self) -> String {
+        format!(
+            "token \"{}\" of module {}",
+            self.label,
+            self.module.display()
+        )
+    }
+
     /// The token's label.
     pub(crate) fn label(&self) -> &str {
         &self.label
@@ -172,12 +182,9 @@ impl Token {
             }
         };
         drop(state);
-        let session = context.open_rw_session(slot).map_err(|e| {
-            ck_error(
-                e,
-                &format!("cannot open a session on token \"{}\"", self.label),
-            )
-        })?;
+        let session = context
+            .open_rw_session(slot)
+            .map_err(|e| ck_error(e, &format!("cannot open a session on {}", self.shown())))?;
         self.login(&session, slot)?;
         Ok(Lease {
             token: self,
@@ -188,7 +195,7 @@ impl Token {
 
     fn find_slot(&self, context: &Pkcs11) -> Result<Slot> {
         let slots = context
-            .get_slots_with_token()
+            .get_slots_with_initialized_token()
             .map_err(|e| ck_error(e, "cannot list the slots"))?;
         let mut found = Vec::new();
         let mut seen = Vec::new();
@@ -210,7 +217,7 @@ impl Token {
                 } else {
                     format!("tokens present: {}", seen.join(", "))
                 };
-                let message = format!("token \"{}\" is not present ({present})", self.label);
+                let message = format!("{} is not present ({present})", self.shown());
                 Err(Error::new(ErrorKind::Unavailable, message))
             }
             _ => {
@@ -255,9 +262,9 @@ impl Token {
                     Some(_) => Err(Error::new(
                         ErrorKind::Denied,
                         format!(
-                            "wrong PIN for token \"{}\" (it differs from the PIN this process \
-                             logged in with)",
-                            self.label
+                            "wrong PIN for {} (it differs from the PIN this process logged in \
+                             with)",
+                            self.shown()
                         ),
                     )),
                     None => {
@@ -266,7 +273,7 @@ impl Token {
                         drop(modules);
                         let _ = session.logout();
                         session.login_with_raw(UserType::User, &pin).map_err(|e| {
-                            ck_error(e, &format!("cannot log in to token \"{}\"", self.label))
+                            ck_error(e, &format!("cannot log in to {}", self.shown()))
                         })?;
                         if let Some(loaded) = self::modules().get_mut(&self.module) {
                             loaded.logins.insert(slot.id(), digest);
@@ -275,10 +282,7 @@ impl Token {
                     }
                 }
             }
-            Err(e) => Err(ck_error(
-                e,
-                &format!("cannot log in to token \"{}\"", self.label),
-            )),
+            Err(e) => Err(ck_error(e, &format!("cannot log in to {}", self.shown()))),
         }
     }
 

@@ -167,7 +167,9 @@ fn missing_module_token_and_key_are_told_apart() {
     let err = open_err(&hsm, &text);
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
     assert!(
-        err.to_string().contains("\"no-such-token\" is not present"),
+        err.to_string().contains(&format!(
+            "token \"no-such-token\" of module {MODULE} is not present"
+        )),
         "{err}"
     );
 
