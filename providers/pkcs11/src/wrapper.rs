@@ -228,7 +228,10 @@ impl TokenKek {
             let key = self.handle(lease.session())?;
             match f(lease.session(), key) {
                 Err(CkError::Pkcs11(
-                    RvError::ObjectHandleInvalid | RvError::KeyHandleInvalid,
+                    RvError::ObjectHandleInvalid
+                    | RvError::KeyHandleInvalid
+                    | RvError::WrappingKeyHandleInvalid
+                    | RvError::UnwrappingKeyHandleInvalid,
                     _,
                 )) if attempt == 0 => {
                     self.token.forget_handle(&self.label);

@@ -66,3 +66,43 @@ fn plugin_keeps_error_kinds() {
     let err = provider.get(&KeyId::new("nothing").unwrap()).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
 }
+
+/// A C program opens the plugin, makes a key, forks: the child (which must initialise the
+/// module and log in again) reads the key and makes one; the parent then still works.
+#[test]
+fn plugin_survives_fork() {
+    let Some(hsm) = enter("plugin_survives_fork") else {
+        return;
+    };
+    let path = plugin();
+    drop(init_and_open(&path, &hsm.dir, &options("store")));
+
+    let exe = hsm.dir.join("fork");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/c/fork.c");
+    let include = kms_plugin_tests::workspace_root().join("include");
+    let status = std::process::Command::new("cc")
+        .args(["-O1", "-Wall", "-Wextra", "-Werror", "-I"])
+        .arg(&include)
+        .arg("-o")
+        .arg(&exe)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .expect("cc runs");
+    assert!(status.success(), "cc {} failed", source.display());
+
+    let out = std::process::Command::new(&exe)
+        .arg(&path)
+        .arg(hsm.dir.join("store"))
+        .args([MODULE, TOKEN, KEY, PIN_ENV])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(
+        stdout,
+        "parent made a key\nchild read the parent's key and made its own\n\
+         parent still works and reads the child's key\n"
+    );
+}
