@@ -43,7 +43,11 @@ fn library_conforms_and_the_kek_stays_in_the_token() {
     assert!(name.contains(MODULE), "{name}");
     assert!(!name.contains(PIN), "{name}");
 
-    // 2. The KEK: a token object, sensitive, never extractable, AES-256.
+    // 2. The mechanism the provider uses, RFC 5649 as CKM_AES_KEY_WRAP_PAD, is the token's.
+    let mechanisms = mechanisms();
+    assert!(mechanisms.contains(&cryptoki::mechanism::MechanismType::AES_KEY_WRAP_PAD));
+
+    // 3. The KEK: a token object, sensitive, never extractable, AES-256.
     let session = raw_session();
     let keys = keys_labelled(&session, KEY);
     assert_eq!(keys.len(), 1);
@@ -71,7 +75,7 @@ fn library_conforms_and_the_kek_stays_in_the_token() {
         .unwrap();
     assert!(value.is_empty(), "the KEK's value must not be readable");
 
-    // 3. Keys survive reopening; a second init finds the store.
+    // 4. Keys survive reopening; a second init finds the store.
     let id = KeyId::new("cluster/wal").unwrap();
     let first = provider.get_or_create(&id, KeySpec::default()).unwrap();
     drop(provider);
@@ -83,7 +87,7 @@ fn library_conforms_and_the_kek_stays_in_the_token() {
     let err = kms_pkcs11::init(&parse(&hsm, &options("store"))).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{err}");
 
-    // 4. A second store on the same token adopts the existing key rather than making another.
+    // 5. A second store on the same token adopts the existing key rather than making another.
     let line = kms_pkcs11::init(&parse(&hsm, &options("store2"))).unwrap();
     assert!(line.contains("found in the token"), "{line}");
     assert_eq!(keys_labelled(&session, KEY).len(), 1);

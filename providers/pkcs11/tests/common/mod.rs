@@ -128,6 +128,14 @@ pub fn parse(hsm: &Hsm, text: &str) -> kms_pkcs11::Options {
     kms_pkcs11::Options::from_table(&context(hsm), &table(text)).expect("valid options")
 }
 
+/// The mechanisms of the test token.
+pub fn mechanisms() -> Vec<cryptoki::mechanism::MechanismType> {
+    let session = raw_session();
+    let info = session.get_session_info().unwrap();
+    let pkcs11 = cryptoki::context::Pkcs11::new(MODULE).unwrap();
+    pkcs11.get_mechanism_list(info.slot_id()).unwrap()
+}
+
 /// A raw PKCS#11 session on the test token, logged in, to look at what the provider made.
 pub fn raw_session() -> cryptoki::session::Session {
     use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
