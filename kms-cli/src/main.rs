@@ -169,8 +169,8 @@ enum Command {
     /// Manage the passphrase slots of a command-provider store.
     #[command(subcommand)]
     Slot(SlotCommand),
-    /// Rotate the KEK (command provider: the master key; openbao: the Transit key), re-wrap
-    /// every key; resumable after a crash.
+    /// Rotate the KEK (command: the master key; openbao: the Transit key; pkcs11: a new key in
+    /// the token), re-wrap every key; resumable after a crash.
     RotateKek,
 }
 
@@ -232,6 +232,7 @@ fn registry() -> Registry {
     registry.register(kms_command::registered());
     registry.register(kms_openbao::registered());
     registry.register(kms_client::exec::registered());
+    registry.register(kms_pkcs11::registered());
     // A provider name finds its plugin (libkms_<name>.so) first; the linked-in providers
     // serve when there is none, so that a lone `kms` binary still works.
     registry.enable_plugins();
@@ -517,6 +518,15 @@ fn rotate_kek(cli: &Cli) -> Result<(), Failure> {
             };
             let options = kms_openbao::Options::from_table(&context, &config.provider.options)?;
             let r = kms_openbao::rotate_kek(&options, progress)?;
+            (r.from, r.to, r.resumed, r.rewrapped)
+        }
+        "pkcs11" => {
+            let context = kms_core::config::Context {
+                base_dir: config.base_dir.clone(),
+            };
+            let options = kms_pkcs11::Options::from_table(&context, &config.provider.options)?;
+            let r = kms_pkcs11::rotate_kek(&options, progress)?;
+            eprintln!("kms: the new KEK is token key \"{}\"", r.label);
             (r.from, r.to, r.resumed, r.rewrapped)
         }
         _ => {

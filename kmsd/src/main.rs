@@ -48,6 +48,7 @@ fn registry() -> Registry {
     registry.register(kms_command::registered());
     registry.register(kms_openbao::registered());
     registry.register(kms_client::exec::registered());
+    registry.register(kms_pkcs11::registered());
     registry
 }
 
