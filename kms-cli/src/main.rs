@@ -169,8 +169,14 @@ enum Command {
     /// Manage the passphrase slots of a command-provider store.
     #[command(subcommand)]
     Slot(SlotCommand),
-    /// Rotate the command provider's master key: re-wraps every key; resumable after a crash.
-    RotateKek,
+    /// Rotate the KEK of the command or aws-kms provider: re-wraps every key; resumable after
+    /// a crash.
+    RotateKek {
+        /// aws-kms only: the KMS key to move to (key id, ARN or alias) [default: the configured
+        /// key, after AWS rotated its material].
+        #[arg(long, value_name = "KMS_KEY")]
+        to: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -229,6 +235,7 @@ fn registry() -> Registry {
     let mut registry = Registry::new();
     registry.register(kms_file::registered());
     registry.register(kms_command::registered());
+    registry.register(kms_aws_kms::registered());
     registry.register(kms_client::exec::registered());
     // A provider name finds its plugin (libkms_<name>.so) first; the linked-in providers
     // serve when there is none, so that a lone `kms` binary still works.
@@ -478,7 +485,30 @@ fn run(cli: Cli) -> Result<(), Failure> {
             crypt::decrypt(|| open(&cli, &registry), range, files)?;
         }
         Command::Slot(slot) => run_slot(&cli, slot)?,
-        Command::RotateKek => {
+        Command::RotateKek { to } if load_config(&cli)?.provider.name == kms_aws_kms::NAME => {
+            let config = load_config(&cli)?;
+            let context = kms_core::config::Context {
+                base_dir: config.base_dir.clone(),
+            };
+            let options = kms_aws_kms::Options::from_table(&context, &config.provider.options)?;
+            let rotated = kms_aws_kms::rotate_kek(&options, to.as_deref(), |done| {
+                eprintln!("kms: re-wrapped {done} keys");
+            })?;
+            let how = if rotated.resumed {
+                "resumed and finished"
+            } else {
+                "finished"
+            };
+            eprintln!(
+                "kms: {how} the KEK rotation from generation {} to {} (KMS key {}): {} keys \
+                 re-wrapped; key_id must now name that KMS key",
+                rotated.from, rotated.to, rotated.arn, rotated.rewrapped
+            );
+        }
+        Command::RotateKek { to } => {
+            if to.is_some() {
+                return Err(usage("--to is for the aws-kms provider"));
+            }
             let options = command_options(&cli)?;
             let rotated = kms_command::rotate_kek(&options, |done| {
                 eprintln!("kms: re-wrapped {done} keys");

@@ -46,6 +46,7 @@ fn registry() -> Registry {
     registry.enable_plugins();
     registry.register(kms_file::registered());
     registry.register(kms_command::registered());
+    registry.register(kms_aws_kms::registered());
     registry.register(kms_client::exec::registered());
     registry
 }

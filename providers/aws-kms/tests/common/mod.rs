@@ -181,36 +181,39 @@ pub fn profile_dir() -> PathBuf {
     }
 }
 
+/// Runs `cargo build` with `args` into the target directory the tests run from.
+pub fn cargo_build(args: &[&str]) {
+    let profile = profile_dir();
+    let target = profile.parent().unwrap().to_path_buf();
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command
+        .arg("build")
+        .args(args)
+        .current_dir(workspace)
+        .env("CARGO_TARGET_DIR", &target);
+    match profile.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => {}
+        Some("release") => {
+            command.arg("--release");
+        }
+        Some(other) => {
+            command.args(["--profile", other]);
+        }
+    }
+    let status = command.status().expect("cargo runs");
+    assert!(status.success(), "cargo build {args:?} failed: {status}");
+}
+
 /// Builds the plugin crate (once per test process) and returns the path of
 /// `libkms_aws_kms.so`.
 pub fn plugin_path() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
-            let profile = profile_dir();
-            let target = profile.parent().unwrap().to_path_buf();
-            let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut command = Command::new(cargo);
-            command
-                .args(["build", "-p", "kms-aws-kms-plugin"])
-                .current_dir(workspace)
-                .env("CARGO_TARGET_DIR", &target);
-            match profile.file_name().and_then(|n| n.to_str()) {
-                Some("debug") | None => {}
-                Some("release") => {
-                    command.arg("--release");
-                }
-                Some(other) => {
-                    command.args(["--profile", other]);
-                }
-            }
-            let status = command.status().expect("cargo runs");
-            assert!(
-                status.success(),
-                "cargo build -p kms-aws-kms-plugin failed: {status}"
-            );
-            profile.join(kms_core::plugin::library_file_name("aws-kms"))
+            cargo_build(&["-p", "kms-aws-kms-plugin"]);
+            profile_dir().join(kms_core::plugin::library_file_name("aws-kms"))
         })
         .clone()
 }
