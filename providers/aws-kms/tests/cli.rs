@@ -3,10 +3,13 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
 
 use common::{Moto, in_moto_env, private_dir};
+use kms_core::{KeyId, KeyProvider, KeySpec};
 
 fn kms(config: &Path, args: &[&str]) -> Output {
     let bin = common::profile_dir().join("kms");
@@ -71,4 +74,97 @@ fn kms_binary_inits_serves_and_rotates_the_kek() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("wrong KEK"));
     write_config(&config, &moto, &new);
     assert_eq!(ok(kms(&config, &["get", "db/1"])), first);
+}
+
+#[test]
+fn rotate_kek_killed_with_sigkill_resumes_and_keeps_every_key() {
+    if !in_moto_env("rotate_kek_killed_with_sigkill_resumes_and_keeps_every_key") {
+        return;
+    }
+    common::cargo_build(&["-p", "kms-cli", "-p", "kms-aws-kms-plugin"]);
+    let moto = Moto::start();
+    let dir = private_dir();
+    let config = dir.path().join("kms.toml");
+    let (old, new) = (moto.create_key(), moto.create_key());
+    write_config(&config, &moto, &old);
+    ok(kms(&config, &["init"]));
+
+    // 1. 600 keys, made through the library by four threads.
+    let options = moto.options(&dir.path().join("keys"), &old);
+    let provider = Arc::new(kms_aws_kms::open(&options).unwrap());
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let provider = provider.clone();
+            std::thread::spawn(move || {
+                (0..150)
+                    .map(|i| {
+                        let id = KeyId::new(&format!("t{t}/{i}")).unwrap();
+                        let key = provider.create(&id, KeySpec::default()).unwrap();
+                        (id, key.expose_secret().to_vec())
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let keys: Vec<_> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    drop(provider);
+
+    // 2. `kms rotate-kek --to` killed with SIGKILL once it has moved 200 keys.
+    let mut child = Command::new(common::profile_dir().join("kms"))
+        .arg("--config")
+        .arg(&config)
+        .args(["rotate-kek", "--to", &new])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref().take(100) {
+        let line = line.unwrap();
+        let reached = line == "kms: re-wrapped 200 keys";
+        seen.push(line);
+        if reached {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("kms: re-wrapped 200 keys"),
+        "{seen:?}"
+    );
+
+    // 3. Every key still reads, then the rotation is resumed and finished.
+    let halfway = kms_aws_kms::open(&options).unwrap();
+    let counts = halfway.store().count_by_kek().unwrap();
+    assert_eq!(
+        counts.iter().map(|(_, n)| n).sum::<u64>(),
+        600,
+        "{counts:?}"
+    );
+    assert!(
+        counts.contains(&(2, 200)) || counts.contains(&(2, 300)),
+        "{counts:?}"
+    );
+    for (id, key) in keys.iter().step_by(5) {
+        assert_eq!(halfway.get(id).unwrap().expose_secret(), &key[..]);
+    }
+    drop(halfway);
+    let resumed = kms(&config, &["rotate-kek"]);
+    let said = String::from_utf8_lossy(&resumed.stderr).to_string();
+    assert!(resumed.status.success(), "{said}");
+    assert!(said.contains("resumed and finished"), "{said}");
+
+    write_config(&config, &moto, &new);
+    let options = moto.options(&dir.path().join("keys"), &new);
+    let provider = kms_aws_kms::open(&options).unwrap();
+    assert_eq!(provider.store().count_by_kek().unwrap(), vec![(2, 600)]);
+    for (id, key) in &keys {
+        assert_eq!(provider.get(id).unwrap().expose_secret(), &key[..], "{id}");
+    }
 }
