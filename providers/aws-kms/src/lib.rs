@@ -475,3 +475,42 @@ pub fn rotate_kek(
     })();
     done.map_err(|e| e.with_backend(&name))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Options> {
+        let context = Context {
+            base_dir: PathBuf::from("/etc/kms"),
+        };
+        Options::from_table(&context, &text.parse::<toml::Table>().unwrap())
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let options = parse("dir = \"keys\"\nkey_id = \"alias/a\"").unwrap();
+        assert_eq!(options.dir, PathBuf::from("/etc/kms/keys"));
+        assert_eq!((options.connect_timeout, options.max_attempts), (3.0, 3));
+        assert_eq!(options.location(), "the default region");
+
+        for bad in [
+            "dir = \"k\"\nkey_id = \"a\"\nsecret_access_key = \"x\"",
+            "dir = \"k\"",
+            "dir = \"k\"\nkey_id = \" \"",
+            "dir = \"k\"\nkey_id = \"a\"\noperation_timeout = 0.0",
+            "dir = \"k\"\nkey_id = \"a\"\nmax_attempts = 0",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::InvalidConfig, "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn fingerprints_name_the_key_only() {
+        let a = wrapper::fingerprint("arn:aws:kms:eu-west-1:1:key/a");
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, wrapper::fingerprint("arn:aws:kms:eu-west-1:1:key/b"));
+        assert_eq!(a, wrapper::fingerprint("arn:aws:kms:eu-west-1:1:key/a"));
+    }
+}

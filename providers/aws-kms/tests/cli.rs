@@ -33,8 +33,8 @@ fn ok(output: Output) -> String {
 
 fn write_config(path: &Path, moto: &Moto, key_id: &str) {
     let text = format!(
-        "[provider]\nname = \"aws-kms\"\n[provider.options]\ndir = \"keys\"\nkey_id = \"{key_id}\"\n\
-         region = \"us-east-1\"\nendpoint = \"{}\"\n",
+        "[provider]\nname = \"aws-kms\"\n[provider.options]\ndir = \"keys\"\n\
+         key_id = \"{key_id}\"\nregion = \"us-east-1\"\nendpoint = \"{}\"\n",
         moto.endpoint()
     );
     std::fs::write(path, text).unwrap();
