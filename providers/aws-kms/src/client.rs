@@ -205,11 +205,15 @@ impl Kms {
         };
         let kind = match &err {
             SdkError::ServiceError(_) => None,
-            SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) => {
+            SdkError::TimeoutError(_) | SdkError::ResponseError(_) => Some(ErrorKind::Unavailable),
+            SdkError::DispatchFailure(failure) if failure.is_io() || failure.is_timeout() => {
                 Some(ErrorKind::Unavailable)
             }
-            SdkError::ResponseError(_) => Some(ErrorKind::Unavailable),
-            // Building the request failed: no credentials, a bad endpoint, ...
+            // Failed before anything was sent: most often no credentials in the chain.
+            SdkError::DispatchFailure(_) => {
+                return before_sending(what, &self.location, &detail);
+            }
+            // Building the request failed: a bad endpoint, a bad parameter, ...
             SdkError::ConstructionFailure(_) => Some(ErrorKind::InvalidConfig),
             _ => Some(ErrorKind::Other),
         };
@@ -245,6 +249,21 @@ impl Drop for Kms {
     }
 }
 
+/// A call that failed before reaching KMS: missing credentials are a configuration error,
+/// anything else (a credential source that did not answer, say) may pass.
+fn before_sending(what: &str, location: &str, detail: &str) -> Error {
+    let missing = ["no credentials", "credential provider was not enabled"];
+    if missing.iter().any(|m| detail.contains(m)) {
+        let message = format!(
+            "{what} at {location} was not sent: no AWS credentials (set AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY, a profile, or a role): {detail}"
+        );
+        return Error::new(ErrorKind::InvalidConfig, message);
+    }
+    let message = format!("{what} at {location} was not sent: {detail}");
+    Error::new(ErrorKind::Unavailable, message)
+}
+
 /// An error and its sources, by their `Display` only: the `Debug` forms of SDK errors dump the
 /// raw HTTP response, which does not belong in a message.
 fn error_chain(err: &dyn std::error::Error) -> String {
@@ -259,7 +278,11 @@ fn error_chain(err: &dyn std::error::Error) -> String {
         }
         source = next.source();
     }
-    text
+    // One line: the SDK lists the credential sources it tried on lines of their own.
+    text.split('\n')
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Spawns `future` on `runtime` and waits at most `wait` for its output; `None` on timeout or

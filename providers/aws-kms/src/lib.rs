@@ -396,8 +396,34 @@ pub fn rotate_kek(
         let generations = generations(&store)?;
         let from = generations.current;
         let kms = Arc::new(Kms::connect(options)?);
-        let wanted = to_key_id.unwrap_or(&options.key_id);
-        let wanted = kms.describe_enabled(wanted)?;
+
+        // The configured key must be the store's (current, or the target of this rotation),
+        // as for open: a wrong key_id never silently becomes the target.
+        let configured = kms.describe_enabled(&options.key_id)?;
+        let is_store_key = |g: Option<u32>| -> Result<bool> {
+            Ok(match g {
+                Some(g) => {
+                    store.meta(&fingerprint_meta_name(g))?
+                        == Some(wrapper::fingerprint(&configured.arn))
+                }
+                None => false,
+            })
+        };
+        if !is_store_key(Some(from))? && !is_store_key(generations.target)? {
+            let message = format!(
+                "wrong KEK: store {} is wrapped by KMS key {}, but key_id {} is KMS key {}; set \
+                 key_id to the store's key (and name the new key with --to)",
+                store.path().display(),
+                recorded_arn(&store, from)?,
+                options.key_id,
+                configured.arn
+            );
+            return Err(Error::new(ErrorKind::WrongKek, message));
+        }
+        let wanted = match to_key_id {
+            Some(key) => kms.describe_enabled(key)?,
+            None => configured,
+        };
 
         // 1. Start, or find, the rotation: the target's fingerprint and ARN and the rotation
         //    record, in one transaction.

@@ -74,6 +74,25 @@ fn kms_binary_inits_serves_and_rotates_the_kek() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("wrong KEK"));
     write_config(&config, &moto, &new);
     assert_eq!(ok(kms(&config, &["get", "db/1"])), first);
+
+    // No credentials anywhere in the chain: a configuration error (exit status 2) that says
+    // so, not "unreachable".
+    let home = private_dir();
+    let bare = Command::new(common::profile_dir().join("kms"))
+        .arg("--config")
+        .arg(&config)
+        .args(["get", "db/1"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env("HOME", home.path())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&bare.stderr);
+    assert_eq!(bare.status.code(), Some(2), "{said}");
+    assert!(said.contains("no AWS credentials"), "{said}");
+    assert!(said.contains(&moto.endpoint()), "{said}");
 }
 
 #[test]

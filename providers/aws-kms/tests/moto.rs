@@ -325,6 +325,11 @@ fn rotation_of_1000_keys_is_resumable_and_keeps_every_key() {
     let err = rotate_kek(&options, Some(&other), |_| {}).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
 
+    // A key_id that is not the store's is refused, never made the target.
+    let stranger = moto.options(&options.dir, &other);
+    let err = rotate_kek(&stranger, None, |_| {}).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::WrongKek, "{err}");
+
     // 3. Resumed: it finishes the same rotation.
     let rotated = rotate_kek(&options, None, |_| {}).unwrap();
     assert_eq!(
