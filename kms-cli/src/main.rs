@@ -170,8 +170,13 @@ enum Command {
     #[command(subcommand)]
     Slot(SlotCommand),
     /// Rotate the KEK (command: the master key; openbao: the Transit key; pkcs11: a new key in
-    /// the token), re-wrap every key; resumable after a crash.
-    RotateKek,
+    /// the token; aws-kms: ReEncrypt to a KMS key), re-wrap every key; resumable after a crash.
+    RotateKek {
+        /// aws-kms only: the KMS key to move to (key id, ARN or alias) [default: the configured
+        /// key, after AWS rotated its material].
+        #[arg(long, value_name = "KMS_KEY")]
+        to: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -231,6 +236,7 @@ fn registry() -> Registry {
     registry.register(kms_file::registered());
     registry.register(kms_command::registered());
     registry.register(kms_openbao::registered());
+    registry.register(kms_aws_kms::registered());
     registry.register(kms_client::exec::registered());
     registry.register(kms_pkcs11::registered());
     // A provider name finds its plugin (libkms_<name>.so) first; the linked-in providers
@@ -490,7 +496,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             crypt::decrypt(|| open(&cli, &registry), range, files)?;
         }
         Command::Slot(slot) => run_slot(&cli, slot)?,
-        Command::RotateKek => rotate_kek(&cli)?,
+        Command::RotateKek { to } => rotate_kek(&cli, to.as_deref())?,
         Command::Delete { id, yes } => {
             let id = key_id(id)?;
             if !yes {
@@ -508,8 +514,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
 
 /// `kms rotate-kek`: the KEK rotation of the configured provider, for the providers that have
 /// one (command, openbao).
-fn rotate_kek(cli: &Cli) -> Result<(), Failure> {
+fn rotate_kek(cli: &Cli, to: Option<&str>) -> Result<(), Failure> {
     let config = load_config(cli)?;
+    if to.is_some() && config.provider.name != kms_aws_kms::NAME {
+        return Err(usage("--to is for the aws-kms provider"));
+    }
     let progress = |done: usize| eprintln!("kms: re-wrapped {done} keys");
     let (from, to, resumed, rewrapped) = match config.provider.name.as_str() {
         "openbao" => {
@@ -518,6 +527,15 @@ fn rotate_kek(cli: &Cli) -> Result<(), Failure> {
             };
             let options = kms_openbao::Options::from_table(&context, &config.provider.options)?;
             let r = kms_openbao::rotate_kek(&options, progress)?;
+            (r.from, r.to, r.resumed, r.rewrapped)
+        }
+        kms_aws_kms::NAME => {
+            let context = kms_core::config::Context {
+                base_dir: config.base_dir.clone(),
+            };
+            let options = kms_aws_kms::Options::from_table(&context, &config.provider.options)?;
+            let r = kms_aws_kms::rotate_kek(&options, to, progress)?;
+            eprintln!("kms: the KEK is now KMS key {}; key_id must now name it", r.arn);
             (r.from, r.to, r.resumed, r.rewrapped)
         }
         "pkcs11" => {

@@ -47,6 +47,7 @@ fn registry() -> Registry {
     registry.register(kms_file::registered());
     registry.register(kms_command::registered());
     registry.register(kms_openbao::registered());
+    registry.register(kms_aws_kms::registered());
     registry.register(kms_client::exec::registered());
     registry.register(kms_pkcs11::registered());
     registry
