@@ -535,7 +535,10 @@ fn rotate_kek(cli: &Cli, to: Option<&str>) -> Result<(), Failure> {
             };
             let options = kms_aws_kms::Options::from_table(&context, &config.provider.options)?;
             let r = kms_aws_kms::rotate_kek(&options, to, progress)?;
-            eprintln!("kms: the KEK is now KMS key {}; key_id must now name it", r.arn);
+            eprintln!(
+                "kms: the KEK is now KMS key {}; key_id must now name it",
+                r.arn
+            );
             (r.from, r.to, r.resumed, r.rewrapped)
         }
         "pkcs11" => {

@@ -40,7 +40,7 @@ fn is_hex_key(line: &str) -> bool {
 #[test]
 fn plain_cargo_build_puts_every_plugin_beside_kms_which_lists_them() {
     let profile = built_by_default();
-    for name in ["file", "mock", "command", "pkcs11"] {
+    for name in ["file", "mock", "command", "pkcs11", "openbao", "aws_kms"] {
         let path = profile.join(format!("libkms_{name}.so"));
         assert!(path.is_file(), "cargo build made no {}", path.display());
     }
@@ -52,8 +52,8 @@ fn plain_cargo_build_puts_every_plugin_beside_kms_which_lists_them() {
         .unwrap();
     assert!(output.status.success(), "{}", stderr(&output));
     let listed = stdout(&output);
-    for name in ["file", "mock", "command", "pkcs11"] {
-        let path = profile.join(format!("libkms_{name}.so"));
+    for name in ["file", "mock", "command", "pkcs11", "openbao", "aws-kms"] {
+        let path = profile.join(format!("libkms_{}.so", name.replace('-', "_")));
         let line = format!(
             "{name}\t{}\t1\t{}",
             env!("CARGO_PKG_VERSION"),

@@ -145,25 +145,42 @@ fn a_rotation_killed_in_the_middle_resumes_through_the_cli() {
         bao.addr
     );
     common::write_private(dir.path(), "token", &bao.token);
-    let keys = remember_all(open(dir.path(), &text).unwrap().as_ref(), 500);
+    let keys = remember_all(open(dir.path(), &text).unwrap().as_ref(), 1_000);
 
-    // 1. Kill `kms rotate-kek` after its first batch.
-    let mut child = Command::new(&kms)
-        .arg("--config")
-        .arg(&config_path)
-        .arg("rotate-kek")
-        .env("KMS_TEST_BAO_TOKEN", &bao.token)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(line.starts_with("kms: re-wrapped 50 keys"), "{line}");
+    // 1. Kill `kms rotate-kek` three times, each after a random number (1 to 3) of its batches
+    //    of 50; after each kill every key reads back. (At most about 15 of the 21 batches are
+    //    done by then, so the rotation is still unfinished.)
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
+    println!("kill points from seed {seed}");
+    for round in 0..3u64 {
+        let batches = 1 + (seed >> (round * 4)) % 3;
+        let mut child = Command::new(&kms)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("rotate-kek")
+            .env("KMS_TEST_BAO_TOKEN", &bao.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        for batch in 1..=batches {
+            let mut line = String::new();
+            stderr.read_line(&mut line).unwrap();
+            if round == 0 && batch == 1 {
+                assert!(line.starts_with("kms: re-wrapped 50 keys"), "{line}");
+            }
+            assert!(line.starts_with("kms: re-wrapped"), "{line}");
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let provider = open(dir.path(), &text).unwrap();
+        assert_all_read_back(provider.as_ref(), &keys);
+    }
 
     // 2. Mid-rotation: the store holds both generations, and every key reads.
     let store = Store::open(&dir.path().join("store/keys.db")).unwrap();
