@@ -139,14 +139,12 @@ impl ExecProvider {
         let running = slot.as_mut().expect("just started");
         let result = f(&mut running.client);
         let broken = matches!(&result, Err(e) if e.kind() == ErrorKind::Unavailable && e.message().contains(&self.name));
-        if broken {
-            if let Some(mut dead) = slot.take() {
-                let _ = dead.child.kill();
-                let status = dead.child.wait().ok();
-                if let Some(status) = status.filter(|s| !s.success()) {
-                    let e = result.err().expect("broken means failed");
-                    return Err(e.context(format!("helper exited ({status})")));
-                }
+        if broken && let Some(mut dead) = slot.take() {
+            let _ = dead.child.kill();
+            let status = dead.child.wait().ok();
+            if let Some(status) = status.filter(|s| !s.success()) {
+                let e = result.err().expect("broken means failed");
+                return Err(e.context(format!("helper exited ({status})")));
             }
         }
         result

@@ -302,7 +302,11 @@ pub fn parse_listed(line: &str) -> Result<KeyInfo> {
         .next()
         .and_then(|f| f.parse().ok())
         .ok_or_else(malformed)?;
-    if fields.next().is_some() || bits == 0 || bits % 8 != 0 || bits / 8 > MAX_SECRET_LEN as u32 {
+    if fields.next().is_some()
+        || bits == 0
+        || !bits.is_multiple_of(8)
+        || bits / 8 > MAX_SECRET_LEN as u32
+    {
         return Err(malformed());
     }
     Ok(KeyInfo {

@@ -578,10 +578,10 @@ fn apply(conn: &Connection, op: &WriteOp) -> rusqlite::Result<WriteDone> {
             if live.is_none() {
                 return Ok(WriteDone::Insert(Inserted::RetiredKek));
             }
-            if let Some(existing) = latest(conn, id)? {
-                if existing.version >= record.version {
-                    return Ok(WriteDone::Insert(Inserted::Exists(existing)));
-                }
+            if let Some(existing) = latest(conn, id)?
+                && existing.version >= record.version
+            {
+                return Ok(WriteDone::Insert(Inserted::Exists(existing)));
             }
             conn.prepare_cached(
                 "INSERT INTO keys (id, version, kek, len, created, wrapped) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",

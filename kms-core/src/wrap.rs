@@ -141,7 +141,7 @@ impl KeyWrapper for Kek {
 
         // 1. RFC 5649 unwrap, which checks the integrity value and the padding.
         let max = wrapped_len(MAX_SECRET_LEN);
-        if wrapped.len() < 16 || wrapped.len() > max || wrapped.len() % 8 != 0 {
+        if wrapped.len() < 16 || wrapped.len() > max || !wrapped.len().is_multiple_of(8) {
             return Err(corrupted(&format!(
                 "has an impossible length of {} bytes",
                 wrapped.len()

@@ -202,7 +202,7 @@ fn start_sweeper(shared: Arc<Shared>) -> std::thread::JoinHandle<()> {
                     audit.flush();
                 }
                 ticks += 1;
-                if ticks % 25 == 0 {
+                if ticks.is_multiple_of(25) {
                     let dropped = shared.cache.sweep();
                     if dropped > 0 {
                         tracing::debug!(dropped, "idle keys dropped from the cache");

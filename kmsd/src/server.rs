@@ -329,14 +329,14 @@ fn handle_line(line: &[u8], shared: &Shared, peer: Peer) -> Answer {
     };
     // Key operations are audited, and so is every refusal.
     let denied = matches!(&result, Err(e) if e.kind() == ErrorKind::Denied);
-    if denied || !matches!(request, Request::Ping | Request::Stats) {
-        if let Some(audit) = &shared.audit {
-            let shown = match &request {
-                Request::List(prefix) => format!("{prefix}*"),
-                _ => id_text.unwrap_or_else(|| "-".into()),
-            };
-            audit.record(peer, request.verb(), &shown, code);
-        }
+    if (denied || !matches!(request, Request::Ping | Request::Stats))
+        && let Some(audit) = &shared.audit
+    {
+        let shown = match &request {
+            Request::List(prefix) => format!("{prefix}*"),
+            _ => id_text.unwrap_or_else(|| "-".into()),
+        };
+        audit.record(peer, request.verb(), &shown, code);
     }
     match result {
         Ok(answer) => answer,

@@ -59,10 +59,10 @@ fn modules() -> MutexGuard<'static, HashMap<PathBuf, Loaded>> {
 fn context(module: &Path) -> Result<Pkcs11> {
     let pid = std::process::id();
     let mut modules = modules();
-    if let Some(loaded) = modules.get(module) {
-        if loaded.pid == pid {
-            return Ok(loaded.context.clone());
-        }
+    if let Some(loaded) = modules.get(module)
+        && loaded.pid == pid
+    {
+        return Ok(loaded.context.clone());
     }
 
     // 1. The file: a missing module is a configuration error, not an outage.

@@ -397,7 +397,7 @@ impl KeyWrapper for TokenKek {
             Error::new(ErrorKind::Corrupted, message).with_key_id(id)
         };
         let max = kms_core::wrap::wrapped_len(MAX_SECRET_LEN);
-        if wrapped.len() < 24 || wrapped.len() > max || wrapped.len() % 8 != 0 {
+        if wrapped.len() < 24 || wrapped.len() > max || !wrapped.len().is_multiple_of(8) {
             let why = format!("has an impossible length of {} bytes", wrapped.len());
             return Err(corrupted(&why));
         }
