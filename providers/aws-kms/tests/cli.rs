@@ -108,14 +108,14 @@ fn rotate_kek_killed_with_sigkill_resumes_and_keeps_every_key() {
     write_config(&config, &moto, &old);
     ok(kms(&config, &["init"]));
 
-    // 1. 600 keys, made through the library by four threads.
+    // 1. 1,000 keys, made through the library by four threads.
     let options = moto.options(&dir.path().join("keys"), &old);
     let provider = Arc::new(kms_aws_kms::open(&options).unwrap());
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let provider = provider.clone();
             std::thread::spawn(move || {
-                (0..150)
+                (0..250)
                     .map(|i| {
                         let id = KeyId::new(&format!("t{t}/{i}")).unwrap();
                         let key = provider.create(&id, KeySpec::default()).unwrap();
@@ -131,7 +131,15 @@ fn rotate_kek_killed_with_sigkill_resumes_and_keeps_every_key() {
         .collect();
     drop(provider);
 
-    // 2. `kms rotate-kek --to` killed with SIGKILL once it has moved 200 keys.
+    // 2. `kms rotate-kek --to` killed with SIGKILL at a random point: once it has moved a
+    //    random number of batches of 100 (1 to 5).
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let kill_after = 100 * (1 + seed % 5);
+    println!("killed after {kill_after} keys (seed {seed})");
+    let kill_line = format!("kms: re-wrapped {kill_after} keys");
     let mut child = Command::new(common::profile_dir().join("kms"))
         .arg("--config")
         .arg(&config)
@@ -144,7 +152,7 @@ fn rotate_kek_killed_with_sigkill_resumes_and_keeps_every_key() {
     let mut seen = Vec::new();
     for line in lines.by_ref().take(100) {
         let line = line.unwrap();
-        let reached = line == "kms: re-wrapped 200 keys";
+        let reached = line == kill_line;
         seen.push(line);
         if reached {
             break;
@@ -154,7 +162,7 @@ fn rotate_kek_killed_with_sigkill_resumes_and_keeps_every_key() {
     child.wait().unwrap();
     assert_eq!(
         seen.last().map(String::as_str),
-        Some("kms: re-wrapped 200 keys"),
+        Some(kill_line.as_str()),
         "{seen:?}"
     );
 
@@ -163,14 +171,15 @@ fn rotate_kek_killed_with_sigkill_resumes_and_keeps_every_key() {
     let counts = halfway.store().count_by_kek().unwrap();
     assert_eq!(
         counts.iter().map(|(_, n)| n).sum::<u64>(),
-        600,
+        1_000,
         "{counts:?}"
     );
+    let moved = u64::from(kill_after);
     assert!(
-        counts.contains(&(2, 200)) || counts.contains(&(2, 300)),
+        counts.contains(&(2, moved)) || counts.contains(&(2, moved + 100)),
         "{counts:?}"
     );
-    for (id, key) in keys.iter().step_by(5) {
+    for (id, key) in &keys {
         assert_eq!(halfway.get(id).unwrap().expose_secret(), &key[..]);
     }
     drop(halfway);
@@ -182,7 +191,7 @@ fn rotate_kek_killed_with_sigkill_resumes_and_keeps_every_key() {
     write_config(&config, &moto, &new);
     let options = moto.options(&dir.path().join("keys"), &new);
     let provider = kms_aws_kms::open(&options).unwrap();
-    assert_eq!(provider.store().count_by_kek().unwrap(), vec![(2, 600)]);
+    assert_eq!(provider.store().count_by_kek().unwrap(), vec![(2, 1_000)]);
     for (id, key) in &keys {
         assert_eq!(provider.get(id).unwrap().expose_secret(), &key[..], "{id}");
     }
