@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use kms_core::config::{self, Context, Registered};
 use kms_core::envelope::{CURRENT_KEK_META, EnvelopeProvider, fingerprint_meta_name};
-use kms_core::fsutil::{check_private, create_private_dir};
+use kms_core::fsutil::create_private_dir;
 use kms_core::kdf::{DEFAULT_ITERATIONS, KdfParams, MAX_ITERATIONS, MIN_ITERATIONS};
 use kms_core::store::Store;
 use kms_core::wrap::{Kek, KeyWrapper};
@@ -55,7 +55,7 @@ pub const STORE_FILE: &str = "keys.db";
 pub const FIRST_SLOT: &str = "primary";
 
 const ROTATION_META: &str = "command.rotation";
-const PROVIDER_META: &str = "provider";
+use kms_core::store::PROVIDER_META;
 
 /// The options of the command provider.
 #[derive(Clone, Debug, Deserialize)]
@@ -323,28 +323,9 @@ fn read_generation(store: &Store, name: &str) -> Result<Option<u32>> {
 }
 
 fn open_store(options: &Options) -> Result<Store> {
-    check_private(&options.dir, true)?;
-    let path = options.store_path();
-    if std::fs::symlink_metadata(&path).is_err() {
-        let message = format!(
-            "{} is not initialised: run `kms init` first",
-            options.dir.display()
-        );
-        return Err(Error::new(ErrorKind::InvalidConfig, message));
-    }
-    let store = Store::open(&path)?;
-    match store.meta(PROVIDER_META)? {
-        Some(p) if p == b"command" => Ok(store),
-        other => {
-            let made_by = other.map(|p| String::from_utf8_lossy(&p).into_owned());
-            let message = format!(
-                "store {} was not made by the command provider (made by {})",
-                path.display(),
-                made_by.as_deref().unwrap_or("an unknown provider")
-            );
-            Err(Error::new(ErrorKind::InvalidConfig, message))
-        }
-    }
+    let store = kms_core::store::open_initialised(&options.dir, &options.store_path())?;
+    kms_core::store::check_made_by(&store, "command")?;
+    Ok(store)
 }
 
 /// Opens the store and unlocks it with `passphrase`. Every slot's parameters are checked

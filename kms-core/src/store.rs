@@ -832,6 +832,38 @@ fn verify_schema(path: &Path, conn: &Connection) -> Result<()> {
     Ok(())
 }
 
+/// The metadata entry naming the provider that made a store (`command`, `pkcs11`, ...).
+pub const PROVIDER_META: &str = "provider";
+
+/// Opens the store at `path` of a provider whose private directory is `dir`: the directory
+/// must pass [`crate::fsutil::check_private`], and a missing store is "not initialised" (an
+/// invalid configuration), never created here.
+pub fn open_initialised(dir: &Path, path: &Path) -> Result<Store> {
+    crate::fsutil::check_private(dir, true)?;
+    if fs::symlink_metadata(path).is_err() {
+        let message = format!("{} is not initialised: run `kms init` first", dir.display());
+        return Err(Error::new(ErrorKind::InvalidConfig, message));
+    }
+    Store::open(path)
+}
+
+/// Refuses a store whose [`PROVIDER_META`] entry does not name `provider`: another provider's
+/// store would open with the wrong key hierarchy.
+pub fn check_made_by(store: &Store, provider: &str) -> Result<()> {
+    match store.meta(PROVIDER_META)? {
+        Some(p) if p == provider.as_bytes() => Ok(()),
+        other => {
+            let made_by = other.map(|p| String::from_utf8_lossy(&p).into_owned());
+            let message = format!(
+                "store {} was not made by the {provider} provider (made by {})",
+                store.path().display(),
+                made_by.as_deref().unwrap_or("an unknown provider")
+            );
+            Err(Error::new(ErrorKind::InvalidConfig, message))
+        }
+    }
+}
+
 /// Whether the file system holding `path` has no block left for an unprivileged write.
 fn file_system_full(path: &Path) -> bool {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty());

@@ -711,6 +711,44 @@ macro_rules! export_provider {
     };
 }
 
+/// Exports a provider that has a registry entry ([`Registered`](crate::config::Registered)) as a
+/// plugin: its `open` and, when it has one, its `init`. This is all the thin `cdylib` crate of
+/// a shipped provider holds (`kms-file/plugin`, `providers/openbao/plugin`, ...):
+///
+/// ```ignore
+/// kms_core::export_registered!(kms_file::registered);
+/// kms_core::export_registered!(kms_aws_kms::registered, name = "aws-kms");
+/// ```
+#[macro_export]
+macro_rules! export_registered {
+    ($registered:path $(, name = $name:literal)? $(,)?) => {
+        fn __kms_registered_open(
+            context: &$crate::config::Context,
+            options: &$crate::toml::Table,
+        ) -> $crate::Result<::std::boxed::Box<dyn $crate::KeyProvider>> {
+            ($registered().open)(context, options)
+        }
+
+        fn __kms_registered_init(
+            context: &$crate::config::Context,
+            options: &$crate::toml::Table,
+        ) -> $crate::Result<::std::string::String> {
+            match $registered().init {
+                ::core::option::Option::Some(init) => init(context, options),
+                ::core::option::Option::None => {
+                    ::core::result::Result::Err($crate::Error::unsupported("initialising storage"))
+                }
+            }
+        }
+
+        $crate::export_provider!(
+            __kms_registered_open,
+            init = __kms_registered_init
+            $(, name = $name)?
+        );
+    };
+}
+
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __kms_sdk_init {

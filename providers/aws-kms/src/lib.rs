@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use kms_core::config::{self, Context, Registered};
 use kms_core::envelope::{CURRENT_KEK_META, EnvelopeProvider};
-use kms_core::fsutil::{check_private, create_private_dir};
+use kms_core::fsutil::create_private_dir;
 use kms_core::store::{Rewrapped, Store, fingerprint_meta_name};
 use kms_core::wrap::{KeyWrapper, hex_prefix};
 use kms_core::{Error, ErrorKind, KeyId, KeyProvider, Result, SecretBytes};
@@ -291,16 +291,7 @@ fn recorded_arn(store: &Store, generation: u32) -> Result<String> {
 }
 
 fn open_store(options: &Options) -> Result<Store> {
-    check_private(&options.dir, true)?;
-    let path = options.store_path();
-    if fs::symlink_metadata(&path).is_err() {
-        let message = format!(
-            "{} is not initialised: run `kms init` first",
-            options.dir.display()
-        );
-        return Err(Error::new(ErrorKind::InvalidConfig, message));
-    }
-    Store::open(&path)
+    kms_core::store::open_initialised(&options.dir, &options.store_path())
 }
 
 /// Opens an initialised provider.

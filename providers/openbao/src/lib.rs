@@ -976,16 +976,7 @@ impl KeyProvider for OpenbaoProvider {
 }
 
 fn open_parts(options: &Options) -> Result<(Store, Transit)> {
-    check_private(&options.dir, true)?;
-    let store_path = options.store_path();
-    if std::fs::symlink_metadata(&store_path).is_err() {
-        let message = format!(
-            "{} is not initialised: run `kms init` first",
-            options.dir.display()
-        );
-        return Err(Error::new(ErrorKind::InvalidConfig, message));
-    }
-    let store = Store::open(&store_path)?;
+    let store = kms_core::store::open_initialised(&options.dir, &options.store_path())?;
     let transit = transit(options)?;
     Ok((store, transit))
 }

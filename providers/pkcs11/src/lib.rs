@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use kms_core::config::{self, Context, Registered};
 use kms_core::envelope::{CURRENT_KEK_META, EnvelopeProvider, fingerprint_meta_name};
-use kms_core::fsutil::{check_private, create_private_dir};
+use kms_core::fsutil::create_private_dir;
 use kms_core::store::Store;
 use kms_core::wrap::KeyWrapper;
 use kms_core::{Error, ErrorKind, KeyProvider, Result, SecretBytes};
@@ -46,7 +46,7 @@ pub const STORE_FILE: &str = "keys.db";
 /// How long `pin_command` may take.
 pub const PIN_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
-const PROVIDER_META: &str = "provider";
+use kms_core::store::PROVIDER_META;
 const ROTATION_META: &str = "pkcs11.rotation";
 
 /// The metadata name of the label of KEK generation `generation`.
@@ -254,28 +254,9 @@ fn generation_label(store: &Store, generation: u32) -> Result<String> {
 }
 
 fn open_store(options: &Options) -> Result<Store> {
-    check_private(&options.dir, true)?;
-    let path = options.store_path();
-    if std::fs::symlink_metadata(&path).is_err() {
-        let message = format!(
-            "{} is not initialised: run `kms init` first",
-            options.dir.display()
-        );
-        return Err(Error::new(ErrorKind::InvalidConfig, message));
-    }
-    let store = Store::open(&path)?;
-    match store.meta(PROVIDER_META)? {
-        Some(p) if p == b"pkcs11" => Ok(store),
-        other => {
-            let made_by = other.map(|p| String::from_utf8_lossy(&p).into_owned());
-            let message = format!(
-                "store {} was not made by the pkcs11 provider (made by {})",
-                path.display(),
-                made_by.as_deref().unwrap_or("an unknown provider")
-            );
-            Err(Error::new(ErrorKind::InvalidConfig, message))
-        }
-    }
+    let store = kms_core::store::open_initialised(&options.dir, &options.store_path())?;
+    kms_core::store::check_made_by(&store, "pkcs11")?;
+    Ok(store)
 }
 
 /// The store and the token, with the generations the store needs.
