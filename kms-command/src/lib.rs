@@ -39,7 +39,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use kms_core::config::{self, Context, Registered};
-use kms_core::envelope::{CURRENT_KEK_META, EnvelopeProvider, fingerprint_meta_name};
+use kms_core::envelope::{
+    CURRENT_KEK_META, EnvelopeProvider, fingerprint_meta_name, switch_generation,
+};
 use kms_core::fsutil::create_private_dir;
 use kms_core::kdf::{DEFAULT_ITERATIONS, KdfParams, MAX_ITERATIONS, MIN_ITERATIONS};
 use kms_core::store::Store;
@@ -633,13 +635,9 @@ pub fn rotate_kek(options: &Options, mut progress: impl FnMut(usize)) -> Result<
             rewrapped += provider.rewrap_all(from, to, 512, &mut progress)?;
 
             // 3. The switch, only once no row is left under the old generation.
-            let set = vec![(CURRENT_KEK_META.to_string(), to.to_string().into_bytes())];
-            let mut delete = vec![ROTATION_META.to_string(), fingerprint_meta_name(from)];
-            delete.extend(slots.iter().map(|slot| slot_meta(slot, from)));
-            if provider
-                .store()
-                .update_meta_if_none_wrapped_by(from, set, delete)?
-            {
+            let mut retired = vec![ROTATION_META.to_string()];
+            retired.extend(slots.iter().map(|slot| slot_meta(slot, from)));
+            if switch_generation(provider.store(), from, to, retired)? {
                 return Ok(Rotated {
                     from,
                     to,

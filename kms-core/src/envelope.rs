@@ -200,6 +200,17 @@ impl EnvelopeProvider {
     }
 }
 
+/// Ends a KEK rotation from generation `from` to `to`, if no key is left wrapped by `from`: in
+/// one transaction `to` becomes the current generation, and `from`'s fingerprint goes with the
+/// provider's own records of the rotation and of `from` (`retired`). Returns `false`, changing
+/// nothing, when keys under `from` remain (written meanwhile): re-wrap them and call again.
+pub fn switch_generation(store: &Store, from: u32, to: u32, retired: Vec<String>) -> Result<bool> {
+    let set = vec![(CURRENT_KEK_META.to_string(), to.to_string().into_bytes())];
+    let mut delete = vec![fingerprint_meta_name(from)];
+    delete.extend(retired);
+    store.update_meta_if_none_wrapped_by(from, set, delete)
+}
+
 fn current_generation(store: &Store) -> Result<u32> {
     match store.meta(CURRENT_KEK_META)? {
         None => Ok(1),

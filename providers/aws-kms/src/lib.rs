@@ -38,7 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kms_core::config::{self, Context, Registered};
-use kms_core::envelope::{CURRENT_KEK_META, EnvelopeProvider};
+use kms_core::envelope::{CURRENT_KEK_META, EnvelopeProvider, switch_generation};
 use kms_core::fsutil::create_private_dir;
 use kms_core::store::{Rewrapped, Store, fingerprint_meta_name};
 use kms_core::wrap::{KeyWrapper, hex_prefix};
@@ -470,13 +470,8 @@ pub fn rotate_kek(
                 rewrapped += store.rewrap_batch(batch)?;
                 progress(rewrapped);
             }
-            let set = vec![(CURRENT_KEK_META.to_string(), to.to_string().into_bytes())];
-            let delete = vec![
-                ROTATION_META.to_string(),
-                fingerprint_meta_name(from),
-                arn_meta_name(from),
-            ];
-            if store.update_meta_if_none_wrapped_by(from, set, delete)? {
+            let retired = vec![ROTATION_META.to_string(), arn_meta_name(from)];
+            if switch_generation(&store, from, to, retired)? {
                 return Ok(Rotated {
                     from,
                     to,

@@ -40,7 +40,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use kms_core::config::{self, Context, Registered};
-use kms_core::envelope::{CURRENT_KEK_META, EnvelopeProvider, fingerprint_meta_name};
+use kms_core::envelope::{EnvelopeProvider, fingerprint_meta_name, switch_generation};
 use kms_core::fsutil::{check_private, create_private_dir};
 use kms_core::store::{Rewrapped, Store};
 use kms_core::wrap::{BINDING_LEN, KeyWrapper, binding};
@@ -1102,13 +1102,8 @@ pub fn rotate_kek(options: &Options, mut progress: impl FnMut(usize)) -> Result<
             }
 
             // 4. The switch, only once no row is left under the old generation.
-            let set = vec![(CURRENT_KEK_META.to_string(), to.to_string().into_bytes())];
-            let delete = vec![
-                ROTATION_META.to_string(),
-                ROTATION_VERSION_META.to_string(),
-                fingerprint_meta_name(from),
-            ];
-            if store.update_meta_if_none_wrapped_by(from, set, delete)? {
+            let retired = vec![ROTATION_META.to_string(), ROTATION_VERSION_META.to_string()];
+            if switch_generation(store, from, to, retired)? {
                 return Ok(Rotated {
                     from,
                     to,

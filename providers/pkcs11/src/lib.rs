@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kms_core::config::{self, Context, Registered};
-use kms_core::envelope::{CURRENT_KEK_META, EnvelopeProvider, fingerprint_meta_name};
+use kms_core::envelope::{
+    CURRENT_KEK_META, EnvelopeProvider, fingerprint_meta_name, switch_generation,
+};
 use kms_core::fsutil::create_private_dir;
 use kms_core::store::Store;
 use kms_core::wrap::KeyWrapper;
@@ -366,16 +368,8 @@ pub fn rotate_kek(options: &Options, mut progress: impl FnMut(usize)) -> Result<
             rewrapped += provider.rewrap_all(from, to, 256, &mut progress)?;
 
             // 3. The switch, only once no row is left under the old generation.
-            let set = vec![(CURRENT_KEK_META.to_string(), to.to_string().into_bytes())];
-            let delete = vec![
-                ROTATION_META.to_string(),
-                fingerprint_meta_name(from),
-                label_meta(from),
-            ];
-            if provider
-                .store()
-                .update_meta_if_none_wrapped_by(from, set, delete)?
-            {
+            let retired = vec![ROTATION_META.to_string(), label_meta(from)];
+            if switch_generation(provider.store(), from, to, retired)? {
                 return Ok(Rotated {
                     from,
                     to,
