@@ -2,6 +2,9 @@
 //!
 //! ```text
 //! cargo run --release -p kms-bench -- [all|wrap|kdf|crypt|store|million]
+//! bench/compare.sh        # `kms-bench compare`: all of the above, plus kmsd under load
+//!                         # against OpenBao Transit and the pkcs11 provider on SoftHSM2
+//!                         # (`load` alone: only kmsd, OpenBao and SoftHSM2 under load)
 //! ```
 //!
 //! Prints one Markdown table: each figure, the reference it is compared with, the ratio, the bar
@@ -9,6 +12,7 @@
 //! real disk, so fsync is real); the store of a million keys is kept there between runs.
 #![forbid(unsafe_code)]
 
+mod compare;
 mod crypt;
 mod kdf;
 mod million;
@@ -24,7 +28,7 @@ use anyhow::{Context as _, Result, bail};
 
 use report::Table;
 
-const USAGE: &str = "usage: kms-bench [all|wrap|kdf|crypt|store|million]";
+const USAGE: &str = "usage: kms-bench [compare|load|all|wrap|kdf|crypt|store|million]";
 
 fn main() -> ExitCode {
     match run() {
@@ -48,6 +52,15 @@ fn run() -> Result<()> {
 
     let mut table = Table::default();
     match command {
+        "compare" => {
+            compare::run(&mut table)?;
+            wrap::run(&mut table)?;
+            kdf::run(&mut table)?;
+            crypt::run(&mut table)?;
+            store::run(&mut table)?;
+            million::run(&mut table)?;
+        }
+        "load" => compare::run(&mut table)?,
         "all" => {
             wrap::run(&mut table)?;
             kdf::run(&mut table)?;

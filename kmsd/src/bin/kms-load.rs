@@ -1,4 +1,5 @@
-//! `kms-load`: a load generator for kmsd (protocol v1 on a Unix socket).
+//! `kms-load`: a load generator for kmsd (protocol v1 on a Unix socket), and for OpenBao's
+//! Transit engine over HTTP, so that both are measured by the same client.
 //!
 //! Each client is a thread with its own connection sending one request at a time and timing
 //! each answer. The figures: requests per second over the whole run, and latency percentiles.
@@ -6,6 +7,7 @@
 //! ```text
 //! kms-load --socket /run/kms/kms.sock --clients 8 --seconds 5 --op get
 //! kms-load --spawn-dev /var/tmp/kms-load --clients 8 --op get-or-create-new
+//! BAO_TOKEN=... kms-load --openbao http://127.0.0.1:8200 --transit-key bench --op transit-decrypt
 //! ```
 #![forbid(unsafe_code)]
 
@@ -16,6 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use clap::{Parser, ValueEnum};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -28,6 +32,18 @@ enum Op {
     GetOrCreateNew,
     /// GET of `--keys` keys once each, then report kmsd's memory (with `--spawn-dev`).
     Fill,
+    /// OpenBao: `POST /v1/<mount>/decrypt/<key>` of one 32-byte key encrypted before timing,
+    /// the peer of kmsd's `GET`.
+    TransitDecrypt,
+    /// OpenBao: `POST /v1/<mount>/datakey/plaintext/<key>` (a new 256-bit key, returned in
+    /// clear and wrapped), the peer of kmsd's `GET-OR-CREATE` of a new id.
+    TransitDatakey,
+}
+
+impl Op {
+    fn is_transit(self) -> bool {
+        matches!(self, Op::TransitDecrypt | Op::TransitDatakey)
+    }
 }
 
 /// Load generator for kmsd.
@@ -35,11 +51,24 @@ enum Op {
 #[command(name = "kms-load")]
 struct Args {
     /// kmsd's socket.
-    #[arg(long, required_unless_present = "spawn_dev")]
+    #[arg(long, required_unless_present_any = ["spawn_dev", "openbao"])]
     socket: Option<PathBuf>,
     /// Start `kmsd --dev DIR` (from beside this binary) and load it.
-    #[arg(long, value_name = "DIR", conflicts_with = "socket")]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["socket", "openbao"])]
     spawn_dev: Option<PathBuf>,
+    /// Load OpenBao's Transit engine at this address (`http://127.0.0.1:8200`) instead of
+    /// kmsd; with `--op transit-decrypt` or `transit-datakey`.
+    #[arg(long, value_name = "URL", conflicts_with = "socket")]
+    openbao: Option<String>,
+    /// The environment variable holding the OpenBao token.
+    #[arg(long, value_name = "VAR", default_value = "BAO_TOKEN")]
+    token_env: String,
+    /// The Transit mount.
+    #[arg(long, default_value = "transit")]
+    transit_mount: String,
+    /// The Transit key (created before timing if missing; not derived).
+    #[arg(long, default_value = "kms-load")]
+    transit_key: String,
     /// Concurrent clients.
     #[arg(long, default_value_t = 8)]
     clients: usize,
@@ -120,8 +149,115 @@ impl Conn {
     }
 }
 
+/// One client of OpenBao's HTTP API: its own agent, so its own keep-alive connection.
+struct Transit {
+    agent: ureq::Agent,
+    token: String,
+    /// `<address>/v1/<mount>`.
+    base: String,
+}
+
+impl Transit {
+    fn new(args: &Args, address: &str) -> Result<Transit> {
+        let token = std::env::var(&args.token_env)
+            .with_context(|| format!("the OpenBao token is not in ${}", args.token_env))?;
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build();
+        Ok(Transit {
+            agent: config.into(),
+            token,
+            base: format!(
+                "{}/v1/{}",
+                address.trim_end_matches('/'),
+                args.transit_mount.trim_matches('/')
+            ),
+        })
+    }
+
+    /// `POST <base>/<path>` with a JSON body; the answer's JSON, or an error with its status.
+    fn post(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        let url = format!("{}/{path}", self.base);
+        // Sent as the openbao provider sends its requests: one body with its length.
+        let body = serde_json::to_vec(body)?;
+        let mut response = self
+            .agent
+            .post(&url)
+            .header("X-Vault-Token", &self.token)
+            .header("Content-Type", "application/json")
+            .send(&body[..])
+            .with_context(|| format!("POST {url}"))?;
+        let status = response.status().as_u16();
+        let text = response
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("POST {url}: reading the answer"))?;
+        if !(200..300).contains(&status) {
+            bail!("POST {url} -> {status} {}", text.trim());
+        }
+        if text.trim().is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_str(&text).with_context(|| format!("POST {url}: the answer is not JSON"))
+    }
+
+    /// Makes the key if missing and returns a ciphertext of 32 random-looking bytes under it.
+    fn prepare(&self, key: &str) -> Result<String> {
+        self.post(&format!("keys/{key}"), &serde_json::json!({}))?;
+        let plaintext = BASE64.encode([0x5a_u8; 32]);
+        let answer = self.post(
+            &format!("encrypt/{key}"),
+            &serde_json::json!({ "plaintext": plaintext }),
+        )?;
+        answer["data"]["ciphertext"]
+            .as_str()
+            .map(str::to_string)
+            .context("Transit's encrypt answer holds no ciphertext")
+    }
+
+    /// One timed request: the answer must carry a plaintext.
+    fn ask(&self, path: &str, body: &serde_json::Value) -> Result<()> {
+        let answer = self.post(path, body)?;
+        if answer["data"]["plaintext"].as_str().is_none() {
+            bail!("POST {}/{path}: the answer holds no plaintext", self.base);
+        }
+        Ok(())
+    }
+}
+
 struct Outcome {
     latencies_ns: Vec<u64>,
+}
+
+fn run_transit_client(
+    address: &str,
+    args: &Args,
+    ciphertext: &str,
+    deadline: Instant,
+) -> Result<Outcome> {
+    let transit = Transit::new(args, address)?;
+    let key = &args.transit_key;
+    let (path, body) = match args.op {
+        Op::TransitDecrypt => (
+            format!("decrypt/{key}"),
+            serde_json::json!({ "ciphertext": ciphertext }),
+        ),
+        Op::TransitDatakey => (
+            format!("datakey/plaintext/{key}"),
+            serde_json::json!({ "bits": 256 }),
+        ),
+        other => bail!("--op {other:?} is a kmsd operation, not a Transit one"),
+    };
+    let mut latencies_ns = Vec::with_capacity(1 << 14);
+    while Instant::now() < deadline {
+        let started = Instant::now();
+        transit.ask(&path, &body)?;
+        latencies_ns.push(started.elapsed().as_nanos() as u64);
+    }
+    Ok(Outcome { latencies_ns })
 }
 
 fn run_client(
@@ -146,6 +282,9 @@ fn run_client(
                     break;
                 }
                 format!("GET {}\n", indexed_id(args, index))
+            }
+            Op::TransitDecrypt | Op::TransitDatakey => {
+                bail!("--op {:?} needs --openbao", args.op)
             }
         };
         let started = Instant::now();
@@ -225,6 +364,20 @@ impl Drop for Spawned {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(address) = &args.openbao {
+        if !args.op.is_transit() {
+            bail!("with --openbao, --op is transit-decrypt or transit-datakey");
+        }
+        let ciphertext = Transit::new(&args, address)?.prepare(&args.transit_key)?;
+        let (all, elapsed) = timed_run(&args, |_client, deadline| {
+            run_transit_client(address, &args, &ciphertext, deadline)
+        })?;
+        print_figures(&args, &all, elapsed, None);
+        return Ok(());
+    }
+    if args.op.is_transit() {
+        bail!("--op {:?} needs --openbao", args.op);
+    }
     let (mut child, socket) = match &args.spawn_dev {
         Some(dir) => {
             let (child, socket) = spawn_kmsd(dir, args.cache_size)?;
@@ -244,15 +397,53 @@ fn main() -> Result<()> {
         }
     }
 
-    // 2. The run.
+    // 2. The run, between two readings of kmsd's cache counters.
+    let before = cache_counters(&socket)?;
     let run_tag = format!("{}", std::process::id());
+    let (all, elapsed) = timed_run(&args, |client, deadline| {
+        run_client(&socket, &args, client, deadline, &run_tag)
+    })?;
+    let after = cache_counters(&socket)?;
+
+    // 3. Figures, after kmsd (if started here) is measured and stopped.
+    let memory = child.0.as_ref().map(|c| memory_kib(c.id()));
+    drop(child.0.take().map(|c| Spawned(Some(c))));
+    print_figures(&args, &all, elapsed, memory);
+    println!(
+        "kmsd_cache_hits={} kmsd_cache_misses={}",
+        after.0.saturating_sub(before.0),
+        after.1.saturating_sub(before.1)
+    );
+    Ok(())
+}
+
+/// kmsd's `cache_hits` and `cache_misses` counters, from `STATS`.
+fn cache_counters(socket: &Path) -> Result<(u64, u64)> {
+    let mut conn = Conn::open(socket)?;
+    conn.ask("STATS\n")?;
+    let field = |name: &str| -> Result<u64> {
+        conn.line
+            .split_whitespace()
+            .find_map(|pair| pair.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|value| value.parse().ok())
+            .with_context(|| format!("kmsd's STATS has no {name}: {}", conn.line.trim_end()))
+    };
+    Ok((field("cache_hits")?, field("cache_misses")?))
+}
+
+/// Runs `client` on `--clients` threads until `--seconds` have passed; every latency, sorted,
+/// and the elapsed seconds.
+fn timed_run(
+    args: &Args,
+    client: impl Fn(usize, Instant) -> Result<Outcome> + Sync,
+) -> Result<(Vec<u64>, f64)> {
     let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
     let started = Instant::now();
     let outcomes: Vec<Result<Outcome>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..args.clients)
-            .map(|client| {
-                let (socket, args, run_tag) = (&socket, &args, &run_tag);
-                scope.spawn(move || run_client(socket, args, client, deadline, run_tag))
+            .map(|index| {
+                let client = &client;
+                scope.spawn(move || client(index, deadline))
             })
             .collect();
         handles
@@ -266,10 +457,11 @@ fn main() -> Result<()> {
         all.extend(outcome?.latencies_ns);
     }
     all.sort_unstable();
+    Ok((all, elapsed))
+}
 
-    // 3. Figures, after kmsd (if started here) is measured and stopped.
-    let memory = child.0.as_ref().map(|c| memory_kib(c.id()));
-    drop(child.0.take().map(|c| Spawned(Some(c))));
+/// The one-line result (and kmsd's memory when it was started here) on stdout.
+fn print_figures(args: &Args, all: &[u64], elapsed: f64, memory: Option<(u64, u64)>) {
     let rps = all.len() as f64 / elapsed;
     let mut out = format!(
         "op={:?} clients={} requests={} seconds={elapsed:.2} rps={rps:.0} p50_us={:.1} \
@@ -277,14 +469,13 @@ fn main() -> Result<()> {
         args.op,
         args.clients,
         all.len(),
-        percentile(&all, 0.50),
-        percentile(&all, 0.99),
-        percentile(&all, 0.999)
+        percentile(all, 0.50),
+        percentile(all, 0.99),
+        percentile(all, 0.999)
     );
     if let Some((rss, hwm)) = memory {
         out.push_str(&format!("kmsd_rss_kib={rss} kmsd_peak_kib={hwm}\n"));
     }
     // A closed stdout (`| head -1`) is not an error worth a panic.
     let _ = std::io::stdout().write_all(out.as_bytes());
-    Ok(())
 }
