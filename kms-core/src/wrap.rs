@@ -63,28 +63,88 @@ pub trait KeyWrapper: Send + Sync {
     fn unwrap(&self, id: &KeyId, version: u32, wrapped: &[u8]) -> Result<SecretBytes>;
 
     /// Wraps a batch of keys: for each `(id, version, dek)`, in order, what
-    /// [`wrap`](KeyWrapper::wrap) gives for it. One key's failure is that key's result alone.
+    /// [`wrap`](KeyWrapper::wrap) gives for it. A key refused for itself fails alone, with an
+    /// error naming its key id.
     ///
-    /// The default calls [`wrap`](KeyWrapper::wrap) for each key; [`Kek`] overrides it with
-    /// the batched engine of [`kwp`].
+    /// The default calls [`wrap`](KeyWrapper::wrap) for each key in turn. Once the backend
+    /// itself fails (unavailable, denied: any error but [`ErrorKind::Corrupted`],
+    /// [`ErrorKind::InvalidInput`], [`ErrorKind::InvalidKeyId`] and [`ErrorKind::NotFound`]),
+    /// it stops calling, and each key left fails with that error under its own id: a batch of
+    /// hundreds must not wait out hundreds of timeouts of a server that is down. [`Kek`]
+    /// overrides it with the batched engine of [`kwp`].
     fn wrap_many(&self, items: &[(&KeyId, u32, &SecretBytes)]) -> Vec<Result<Vec<u8>>> {
-        items
-            .iter()
-            .map(|(id, version, dek)| self.wrap(id, *version, dek))
-            .collect()
+        one_by_one(
+            items,
+            |(id, _, _)| id,
+            |(id, version, dek)| self.wrap(id, *version, dek),
+        )
     }
 
     /// Unwraps a batch of blobs: for each `(id, version, wrapped)`, in order, what
     /// [`unwrap`](KeyWrapper::unwrap) gives for it. A corrupted blob fails alone, with an
     /// error naming its key id.
     ///
-    /// The default calls [`unwrap`](KeyWrapper::unwrap) for each blob; [`Kek`] overrides it
-    /// with the batched engine of [`kwp`].
+    /// The default calls [`unwrap`](KeyWrapper::unwrap) for each blob in turn, and stops
+    /// calling once the backend itself fails, as [`wrap_many`](KeyWrapper::wrap_many) does.
+    /// [`Kek`] overrides it with the batched engine of [`kwp`].
     fn unwrap_many(&self, items: &[(&KeyId, u32, &[u8])]) -> Vec<Result<SecretBytes>> {
-        items
-            .iter()
-            .map(|(id, version, wrapped)| self.unwrap(id, *version, wrapped))
-            .collect()
+        one_by_one(
+            items,
+            |(id, _, _)| id,
+            |(id, version, wrapped)| self.unwrap(id, *version, wrapped),
+        )
+    }
+}
+
+/// The default batch of a [`KeyWrapper`]: `call` for each item in turn, until one fails for
+/// a reason that is not the key's own; each item left then fails with that error, under the
+/// key id `id_of` gives.
+fn one_by_one<I, T>(
+    items: &[I],
+    id_of: impl Fn(&I) -> &KeyId,
+    mut call: impl FnMut(&I) -> Result<T>,
+) -> Vec<Result<T>> {
+    let mut stopped: Option<Error> = None;
+    let mut results = Vec::with_capacity(items.len());
+    for item in items {
+        if let Some(cause) = &stopped {
+            results.push(Err(not_attempted(id_of(item), cause)));
+            continue;
+        }
+        let result = call(item);
+        if let Err(e) = &result
+            && !concerns_the_key_alone(e.kind())
+        {
+            stopped = Some(e.clone());
+        }
+        results.push(result);
+    }
+    results
+}
+
+/// Whether a failure of one key of a batch says nothing of the backend, so that the batch
+/// goes on.
+fn concerns_the_key_alone(kind: ErrorKind) -> bool {
+    matches!(
+        kind,
+        ErrorKind::Corrupted
+            | ErrorKind::InvalidInput
+            | ErrorKind::InvalidKeyId
+            | ErrorKind::NotFound
+    )
+}
+
+/// The error of a key a batch did not try after `cause`, the backend's failure on an earlier
+/// key.
+fn not_attempted(id: &KeyId, cause: &Error) -> Error {
+    let message = format!(
+        "key \"{id}\" was not attempted after the backend failed on an earlier key: {}",
+        cause.message()
+    );
+    let error = Error::new(cause.kind(), message).with_key_id(id);
+    match cause.backend() {
+        Some(backend) => error.with_backend(backend),
+        None => error,
     }
 }
 
@@ -535,6 +595,86 @@ mod tests {
             .map(|((id, v, _), b)| (*id, *v, &b[..]))
             .collect();
         assert_eq!(kek.unwrap_many(&read), single.unwrap_many(&read));
+    }
+
+    /// A remote KEK that goes down at its fourth call.
+    struct GoesDown {
+        kek: Kek,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl GoesDown {
+        fn call(&self) -> Result<()> {
+            let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if n >= 3 {
+                let error = Error::new(ErrorKind::Unavailable, "connection refused");
+                return Err(error.with_backend("remote at 127.0.0.1:1"));
+            }
+            Ok(())
+        }
+    }
+
+    impl KeyWrapper for GoesDown {
+        fn fingerprint(&self) -> Vec<u8> {
+            self.kek.fingerprint()
+        }
+
+        fn wrap(&self, id: &KeyId, version: u32, dek: &SecretBytes) -> Result<Vec<u8>> {
+            self.call()?;
+            self.kek.wrap(id, version, dek)
+        }
+
+        fn unwrap(&self, id: &KeyId, version: u32, wrapped: &[u8]) -> Result<SecretBytes> {
+            self.call()?;
+            self.kek.unwrap(id, version, wrapped)
+        }
+    }
+
+    #[test]
+    fn default_batches_stop_calling_a_backend_that_is_down() {
+        let remote = GoesDown {
+            kek: kek(3),
+            calls: Default::default(),
+        };
+        let ids: Vec<KeyId> = (0..10)
+            .map(|i| KeyId::new(&format!("r/{i}")).unwrap())
+            .collect();
+        let blobs: Vec<Vec<u8>> = ids
+            .iter()
+            .map(|id| {
+                remote
+                    .kek
+                    .wrap(id, 1, &SecretBytes::random(32).unwrap())
+                    .unwrap()
+            })
+            .collect();
+
+        // A corrupted blob (the second) fails alone; the backend going down (at the fourth
+        // call) ends the calls, and every key left fails as unavailable under its own id.
+        let mut read: Vec<(&KeyId, u32, &[u8])> = ids
+            .iter()
+            .zip(&blobs)
+            .map(|(id, b)| (id, 1, &b[..]))
+            .collect();
+        read[1].1 = 2;
+        let results = remote.unwrap_many(&read);
+        assert_eq!(remote.calls.load(std::sync::atomic::Ordering::SeqCst), 4);
+        assert!(results[0].is_ok() && results[2].is_ok());
+        assert_eq!(
+            results[1].as_ref().unwrap_err().kind(),
+            ErrorKind::Corrupted
+        );
+        assert_eq!(
+            results[3].as_ref().unwrap_err().message(),
+            "connection refused"
+        );
+        for (i, result) in results.iter().enumerate().skip(4) {
+            let err = result.as_ref().unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Unavailable, "{i}");
+            assert_eq!(err.key_id(), Some(&ids[i]), "{i}");
+            assert_eq!(err.backend(), Some("remote at 127.0.0.1:1"), "{i}");
+            assert!(err.to_string().contains("was not attempted"), "{err}");
+        }
     }
 
     #[test]
