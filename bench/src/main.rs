@@ -1,7 +1,7 @@
 //! kms-bench: kms measured against OpenSSL on the same machine, in the same run.
 //!
 //! ```text
-//! cargo run --release -p kms-bench -- [all|wrap|kdf|crypt|store|million]
+//! cargo run --release -p kms-bench -- [all|wrap|kdf|crypt|store|rotate|million]
 //! ```
 //!
 //! Prints one Markdown table: each figure, the reference it is compared with, the ratio, the bar
@@ -13,6 +13,7 @@ mod crypt;
 mod kdf;
 mod million;
 mod report;
+mod rotate;
 mod store;
 mod timing;
 mod wrap;
@@ -24,7 +25,7 @@ use anyhow::{Context as _, Result, bail};
 
 use report::Table;
 
-const USAGE: &str = "usage: kms-bench [all|wrap|kdf|crypt|store|million]";
+const USAGE: &str = "usage: kms-bench [all|wrap|kdf|crypt|store|rotate|million]";
 
 fn main() -> ExitCode {
     match run() {
@@ -53,12 +54,14 @@ fn run() -> Result<()> {
             kdf::run(&mut table)?;
             crypt::run(&mut table)?;
             store::run(&mut table)?;
+            rotate::run(&mut table)?;
             million::run(&mut table)?;
         }
         "wrap" => wrap::run(&mut table)?,
         "kdf" => kdf::run(&mut table)?,
         "crypt" => crypt::run(&mut table)?,
         "store" => store::run(&mut table)?,
+        "rotate" => rotate::run(&mut table)?,
         "million" => million::run(&mut table)?,
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
