@@ -1,7 +1,7 @@
 //! kms-bench: kms measured against OpenSSL on the same machine, in the same run.
 //!
 //! ```text
-//! cargo run --release -p kms-bench -- [all|wrap|kdf|crypt|store|million]
+//! cargo run --release -p kms-bench -- [all|wrap|kdf|crypt|store|rotate|million]
 //! bench/compare.sh        # `kms-bench compare`: all of the above, plus kmsd under load
 //!                         # against OpenBao Transit and the pkcs11 provider on SoftHSM2
 //!                         # (`load` alone: only kmsd, OpenBao and SoftHSM2 under load)
@@ -17,6 +17,7 @@ mod crypt;
 mod kdf;
 mod million;
 mod report;
+mod rotate;
 mod store;
 mod timing;
 mod wrap;
@@ -28,7 +29,7 @@ use anyhow::{Context as _, Result, bail};
 
 use report::Table;
 
-const USAGE: &str = "usage: kms-bench [compare|load|all|wrap|kdf|crypt|store|million]";
+const USAGE: &str = "usage: kms-bench [compare|load|all|wrap|kdf|crypt|store|rotate|million]";
 
 fn main() -> ExitCode {
     match run() {
@@ -58,6 +59,7 @@ fn run() -> Result<()> {
             kdf::run(&mut table)?;
             crypt::run(&mut table)?;
             store::run(&mut table)?;
+            rotate::run(&mut table)?;
             million::run(&mut table)?;
         }
         "load" => compare::run(&mut table)?,
@@ -66,12 +68,14 @@ fn run() -> Result<()> {
             kdf::run(&mut table)?;
             crypt::run(&mut table)?;
             store::run(&mut table)?;
+            rotate::run(&mut table)?;
             million::run(&mut table)?;
         }
         "wrap" => wrap::run(&mut table)?,
         "kdf" => kdf::run(&mut table)?,
         "crypt" => crypt::run(&mut table)?,
         "store" => store::run(&mut table)?,
+        "rotate" => rotate::run(&mut table)?,
         "million" => million::run(&mut table)?,
         "-h" | "--help" | "help" => {
             println!("{USAGE}");

@@ -174,7 +174,7 @@ fn build(dir: &Path) -> Result<()> {
 }
 
 /// Inserts `KEYS` version-1 rows in the layout of `kms_core::store` (`Store::insert` of a
-/// `Record` with KEK generation 1, a 32-byte length and a blob from `Kek::wrap`).
+/// `Record` with KEK generation 1, a 32-byte length and a blob from `Kek::wrap_many`).
 fn insert_rows(path: &Path, kek: &Kek) -> Result<()> {
     const CHUNK: u64 = 4096;
     const DEK_LEN: usize = 32;
@@ -192,12 +192,22 @@ fn insert_rows(path: &Path, kek: &Kek) -> Result<()> {
              VALUES (?1, 1, 1, ?2, ?3, ?4)",
         )?;
         for first in (0..KEYS).step_by(CHUNK as usize) {
+            let ids = (first..KEYS.min(first + CHUNK))
+                .map(|i| KeyId::new(&key_id(i)))
+                .collect::<kms_core::Result<Vec<KeyId>>>()?;
             let random = SecretBytes::random(CHUNK as usize * DEK_LEN)?;
-            let deks = random.expose_secret().chunks(DEK_LEN);
-            for (i, dek) in (first..KEYS.min(first + CHUNK)).zip(deks) {
-                let id = KeyId::new(&key_id(i))?;
-                let wrapped = kek.wrap(&id, 1, &SecretBytes::copy_from(dek))?;
-                insert.execute(params![id.as_str(), DEK_LEN as i64, created, wrapped])?;
+            let deks: Vec<SecretBytes> = random
+                .expose_secret()
+                .chunks(DEK_LEN)
+                .map(SecretBytes::copy_from)
+                .collect();
+            let items: Vec<_> = ids
+                .iter()
+                .zip(&deks)
+                .map(|(id, dek)| (id, 1, dek))
+                .collect();
+            for (id, wrapped) in ids.iter().zip(kek.wrap_many(&items)) {
+                insert.execute(params![id.as_str(), DEK_LEN as i64, created, wrapped?])?;
             }
         }
     }

@@ -1,5 +1,6 @@
-//! AES key wrap: kms `Kek::wrap` / `Kek::unwrap` of a 32-byte DEK against OpenSSL's
-//! `id-aes256-wrap-pad` at 32-byte blocks, and aes-kw alone to show the cost of the binding.
+//! AES key wrap: kms `Kek::wrap` / `Kek::unwrap` of a 32-byte DEK, and `Kek::wrap_many` /
+//! `Kek::unwrap_many` of batches of them, against OpenSSL's `id-aes256-wrap-pad` at 32-byte
+//! blocks; aes-kw alone to show the cost of the binding.
 
 use std::process::Command;
 use std::time::Duration;
@@ -25,6 +26,9 @@ const ROUNDS: usize = 3;
 /// The DEK length measured, in bytes.
 const DEK_LEN: usize = 32;
 
+/// Keys per `wrap_many` / `unwrap_many` call: the batch a KEK rotation hands over.
+const BATCH: usize = 256;
+
 /// The bar of BRIEF section 9: kms wraps at least five times as fast as OpenSSL.
 const BAR: f64 = 5.0;
 
@@ -32,6 +36,9 @@ const BAR: f64 = 5.0;
 struct Rates {
     kms_wrap: f64,
     kms_unwrap: f64,
+    /// Keys per second through `wrap_many` / `unwrap_many`.
+    kms_wrap_many: f64,
+    kms_unwrap_many: f64,
     raw_wrap_dek: f64,
     raw_wrap_bound: f64,
     binding: f64,
@@ -46,6 +53,8 @@ struct Subject {
     id: KeyId,
     dek: SecretBytes,
     wrapped: Vec<u8>,
+    /// `BATCH` keys of distinct ids, and their blobs.
+    batch: Vec<(KeyId, SecretBytes, Vec<u8>)>,
 }
 
 pub fn run(table: &mut Table) -> Result<()> {
@@ -56,6 +65,8 @@ pub fn run(table: &mut Table) -> Result<()> {
     let mut rates = Rates {
         kms_wrap: 0.0,
         kms_unwrap: 0.0,
+        kms_wrap_many: 0.0,
+        kms_unwrap_many: 0.0,
         raw_wrap_dek: 0.0,
         raw_wrap_bound: 0.0,
         binding: 0.0,
@@ -80,12 +91,20 @@ impl Subject {
         let id = KeyId::new("db/16384/rel/24576")?;
         let dek = SecretBytes::random(DEK_LEN)?;
         let wrapped = kek.wrap(&id, 1, &dek)?;
+        let mut batch = Vec::with_capacity(BATCH);
+        for i in 0..BATCH {
+            let id = KeyId::new(&format!("db/16384/rel/{}", 24576 + i))?;
+            let dek = SecretBytes::random(DEK_LEN)?;
+            let wrapped = kek.wrap(&id, 1, &dek)?;
+            batch.push((id, dek, wrapped));
+        }
         Ok(Subject {
             kek,
             kwp,
             id,
             dek,
             wrapped,
+            batch,
         })
     }
 
@@ -97,6 +116,7 @@ impl Subject {
             id,
             dek,
             wrapped,
+            batch,
         } = self;
         keep_best(
             &mut best.kms_wrap,
@@ -106,6 +126,21 @@ impl Subject {
         let unwrap = rate(TIMED, || kek.unwrap(id, 1, wrapped).expect("unwrap"));
         keep_best(&mut best.kms_unwrap, unwrap);
         keep_best_of(&mut best.openssl_unwrap, openssl_speed(true));
+
+        let to_wrap: Vec<_> = batch.iter().map(|(id, dek, _)| (id, 1, dek)).collect();
+        let calls = rate(TIMED, || {
+            let wrapped = kek.wrap_many(&to_wrap);
+            assert!(wrapped.iter().all(Result::is_ok), "wrap_many");
+            wrapped
+        });
+        keep_best(&mut best.kms_wrap_many, calls * BATCH as f64);
+        let to_unwrap: Vec<_> = batch.iter().map(|(id, _, w)| (id, 1, &w[..])).collect();
+        let calls = rate(TIMED, || {
+            let deks = kek.unwrap_many(&to_unwrap);
+            assert!(deks.iter().all(Result::is_ok), "unwrap_many");
+            deks
+        });
+        keep_best(&mut best.kms_unwrap_many, calls * BATCH as f64);
 
         let mut out = [0u8; BINDING_LEN + DEK_LEN + 8];
         let plain_dek = [0x5a_u8; DEK_LEN];
@@ -191,6 +226,24 @@ fn push_rows(table: &mut Table, rates: &Rates) {
             per_second(rates.kms_unwrap),
         )
         .against(reference, ratio)
+        .bar(bar.clone(), ratio.is_some_and(|r| r >= BAR)),
+    );
+    let (reference, ratio) = against(rates.kms_wrap_many, openssl_wrap);
+    table.push(
+        Row::new(
+            format!("AES-KWP wrap of 32-byte DEKs, kms Kek::wrap_many, {BATCH} per call"),
+            per_second(rates.kms_wrap_many),
+        )
+        .against(reference, ratio)
+        .bar(bar.clone(), ratio.is_some_and(|r| r >= BAR)),
+    );
+    let (reference, ratio) = against(rates.kms_unwrap_many, openssl_unwrap);
+    table.push(
+        Row::new(
+            format!("AES-KWP unwrap of 32-byte DEKs, kms Kek::unwrap_many, {BATCH} per call"),
+            per_second(rates.kms_unwrap_many),
+        )
+        .against(reference, ratio)
         .bar(bar, ratio.is_some_and(|r| r >= BAR)),
     );
     let (reference, ratio) = against(rates.raw_wrap_dek, openssl_wrap);
@@ -220,6 +273,10 @@ fn push_rows(table: &mut Table, rates: &Rates) {
          for unwrap; -elapsed so that both sides divide by wall-clock time) converted as \
          k * 1000 / 32 operations per second; 3 rounds interleaved, the best of each side kept",
     );
+    table.note(format!(
+        "wrap_many / unwrap_many: keys per second, {BATCH} keys of distinct ids per call, each \
+         with its own binding and output buffer; the same OpenSSL figure as the single-key rows"
+    ));
     for (what, result) in [("wrap", openssl_wrap), ("unwrap", openssl_unwrap)] {
         if let Err(e) = result {
             table.note(format!("OpenSSL {what} reference unavailable: {e:#}"));

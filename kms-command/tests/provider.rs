@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kms_command::{Options, SlotChange};
-use kms_core::{ErrorKind, KeyId, KeyProvider, KeySpec, SecretBytes};
+use kms_core::{ErrorKind, KeyId, KeyLen, KeyProvider, KeySpec, SecretBytes};
 
 fn options(dir: &Path, command: &str) -> Options {
     Options {
@@ -338,6 +338,63 @@ fn kek_rotation_rewraps_every_key_and_keeps_them() {
             .any(|n| n.ends_with(".1") || n == "kek.1.fingerprint"),
         "{names:?}"
     );
+}
+
+/// The rotation re-wraps its rows in batches: one damaged blob among 700 keys stops it with
+/// an error naming that key, every key stays readable, and once the blob is restored the
+/// rotation resumes and finishes.
+#[test]
+fn kek_rotation_stops_at_a_damaged_blob_naming_it_and_resumes_once_repaired() {
+    let tmp = tempfile::tempdir().unwrap();
+    let options = init(tmp.path(), "printf pw");
+    let provider = kms_command::open(&options).unwrap();
+    let mut keys = Vec::new();
+    for i in 0..700 {
+        let id = KeyId::new(&format!("db/{i}")).unwrap();
+        let len = [KeyLen::Aes128, KeyLen::Aes192, KeyLen::Aes256][i % 3];
+        keys.push(provider.create(&id, KeySpec::new(len)).unwrap());
+    }
+    drop(provider);
+
+    // Damage the blob of one key past the first transaction of the rotation (512 rows).
+    let conn = rusqlite::Connection::open(options.dir.join("keys.db")).unwrap();
+    let victim = "db/600";
+    let blob: Vec<u8> = conn
+        .query_row("SELECT wrapped FROM keys WHERE id = ?1", [victim], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let mut damaged = blob.clone();
+    damaged[20] ^= 0x01;
+    let set_blob = |b: &[u8]| {
+        conn.execute(
+            "UPDATE keys SET wrapped = ?1 WHERE id = ?2",
+            rusqlite::params![b, victim],
+        )
+        .unwrap()
+    };
+    set_blob(&damaged);
+
+    let err = kms_command::rotate_kek(&options, |_| {}).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupted, "{err}");
+    assert_eq!(err.key_id().map(KeyId::as_str), Some(victim), "{err}");
+    let provider = kms_command::open(&options).unwrap();
+    for key in keys.iter().filter(|k| k.id().as_str() != victim) {
+        assert_eq!(&provider.get(key.id()).unwrap(), key);
+    }
+    drop(provider);
+
+    set_blob(&blob);
+    let rotated = kms_command::rotate_kek(&options, |_| {}).unwrap();
+    assert_eq!((rotated.from, rotated.to, rotated.resumed), (1, 2, true));
+    assert!(
+        rotated.rewrapped >= 1 && rotated.rewrapped < 700,
+        "{rotated:?}"
+    );
+    let provider = kms_command::open(&options).unwrap();
+    for key in &keys {
+        assert_eq!(&provider.get(key.id()).unwrap(), key);
+    }
 }
 
 #[test]

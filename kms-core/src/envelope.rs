@@ -19,6 +19,10 @@ use crate::wrap::{KeyWrapper, hex_prefix};
 /// Metadata name of the current KEK generation (a decimal number); absent means 1.
 pub const CURRENT_KEK_META: &str = "kek.current";
 
+/// Keys handed to a KEK per [`KeyWrapper::unwrap_many`] / [`KeyWrapper::wrap_many`] call
+/// during [`EnvelopeProvider::rewrap_all`].
+pub const REWRAP_CHUNK: usize = 256;
+
 /// A provider that keeps wrapped DEKs in a [`Store`] under KEKs reached through
 /// [`KeyWrapper`]s.
 pub struct EnvelopeProvider {
@@ -84,6 +88,11 @@ impl EnvelopeProvider {
     /// per transaction. Each row changes atomically and records its generation, so the work can
     /// stop at any point (a crash included) and be resumed by calling this again. Returns the
     /// number of rows re-wrapped; `progress` is told the running total after each batch.
+    ///
+    /// The keys go to the KEKs [`REWRAP_CHUNK`] at a time through
+    /// [`KeyWrapper::unwrap_many`] and [`KeyWrapper::wrap_many`], which a local KEK runs side
+    /// by side. A row that fails stops the work before its transaction, with the error the
+    /// rows taken one by one would meet first.
     pub fn rewrap_all(
         &self,
         from: u32,
@@ -98,22 +107,70 @@ impl EnvelopeProvider {
                 return Ok(total);
             }
             let mut rewrapped = Vec::with_capacity(rows.len());
-            for (id, record) in rows {
-                let old = self.with_name(self.wrapper(from, &id))?;
-                let dek = self.with_name(old.unwrap(&id, record.version, &record.wrapped))?;
-                let new = self.with_name(self.wrapper(to, &id))?;
-                let wrapped = self.with_name(new.wrap(&id, record.version, &dek))?;
-                let version = record.version;
-                rewrapped.push(Rewrapped {
-                    id,
-                    version,
-                    from_kek: from,
-                    to_kek: to,
-                    wrapped,
-                });
+            for chunk in rows.chunks(REWRAP_CHUNK) {
+                rewrapped.extend(self.with_name(self.rewrap_chunk(from, to, chunk))?);
             }
             total += self.with_name(self.store.rewrap_batch(rewrapped))?;
             progress(total);
+        }
+    }
+
+    /// The rows of `chunk` re-wrapped from generation `from` to `to`. On failure, the error
+    /// that re-wrapping the rows one by one, in order, would meet first: looking up either KEK
+    /// (named after the first row), or unwrapping or wrapping a row.
+    fn rewrap_chunk(
+        &self,
+        from: u32,
+        to: u32,
+        chunk: &[(KeyId, Record)],
+    ) -> Result<Vec<Rewrapped>> {
+        let Some((first, _)) = chunk.first() else {
+            return Ok(Vec::new());
+        };
+
+        // 1. Unwrap the chunk with the old KEK; keep the keys before the first failure.
+        let old = self.wrapper(from, first)?;
+        let sealed: Vec<_> = chunk
+            .iter()
+            .map(|(id, record)| (id, record.version, &record.wrapped[..]))
+            .collect();
+        let mut deks = Vec::with_capacity(chunk.len());
+        let mut failed = None;
+        for result in old.unwrap_many(&sealed) {
+            match result {
+                Ok(dek) => deks.push(dek),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        if deks.is_empty()
+            && let Some(e) = failed
+        {
+            return Err(e);
+        }
+
+        // 2. Wrap those keys with the new KEK: a wrap failure comes first if its row does.
+        let new = self.wrapper(to, first)?;
+        let items: Vec<_> = chunk
+            .iter()
+            .zip(&deks)
+            .map(|((id, record), dek)| (id, record.version, dek))
+            .collect();
+        let mut rewrapped = Vec::with_capacity(chunk.len());
+        for ((id, record), wrapped) in chunk.iter().zip(new.wrap_many(&items)) {
+            rewrapped.push(Rewrapped {
+                id: id.clone(),
+                version: record.version,
+                from_kek: from,
+                to_kek: to,
+                wrapped: wrapped?,
+            });
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(rewrapped),
         }
     }
 

