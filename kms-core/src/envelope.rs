@@ -190,11 +190,23 @@ impl EnvelopeProvider {
             .find(|(g, _)| *g == generation)
             .map(|(_, w)| w.as_ref())
             .ok_or_else(|| {
-                let message = format!(
-                    "key \"{id}\" is wrapped by KEK generation {generation}, which is not loaded \
-                     (current is {}); finish or resume the KEK rotation",
-                    self.current
-                );
+                // A generation newer than any loaded was made by a rotation that began after
+                // this provider opened (elsewhere: the CLI beside kmsd): finishing or resuming
+                // that rotation does not give this provider the new KEK; reopening does.
+                let message = if generation > self.writing {
+                    format!(
+                        "key \"{id}\" is wrapped by KEK generation {generation}, which is not \
+                         loaded: a KEK rotation began since this provider opened (at generation \
+                         {}); reopen it",
+                        self.writing
+                    )
+                } else {
+                    format!(
+                        "key \"{id}\" is wrapped by KEK generation {generation}, which is not \
+                         loaded (current is {}); finish or resume the KEK rotation",
+                        self.current
+                    )
+                };
                 Error::new(ErrorKind::WrongKek, message).with_key_id(id)
             })
     }
@@ -414,5 +426,61 @@ impl KeyProvider for EnvelopeProvider {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities::ALL
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wrap::Kek;
+
+    /// Two copies of one new random KEK.
+    fn kek_twice() -> (Kek, Kek) {
+        let material = SecretBytes::random(Kek::LEN).unwrap();
+        (Kek::new(&material).unwrap(), Kek::new(&material).unwrap())
+    }
+
+    /// A provider opened before a KEK rotation began (the CLI beside a running kmsd) was told
+    /// to "finish or resume the KEK rotation" when it met a re-wrapped key, even after the
+    /// rotation had finished: advice that cannot help it (running `kms rotate-kek` again only
+    /// starts another rotation). It must say that it needs reopening.
+    #[test]
+    fn a_provider_opened_before_a_rotation_says_reopen_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.db");
+        let ((old, old_copy), (new, new_copy)) = (kek_twice(), kek_twice());
+        let store = Store::create(&path, &EnvelopeProvider::initial_meta(&old)).unwrap();
+        let stale = EnvelopeProvider::open("stale", store, Box::new(old)).unwrap();
+        let id = KeyId::new("db/1").unwrap();
+        stale.create(&id, KeySpec::default()).unwrap();
+
+        // A rotation from generation 1 to 2 by another opener, run to the end.
+        let store = Store::open(&path).unwrap();
+        store
+            .update_meta(
+                vec![(fingerprint_meta_name(2), new.fingerprint())],
+                Vec::new(),
+            )
+            .unwrap();
+        let mut rotating = EnvelopeProvider::open("rotating", store, Box::new(old_copy)).unwrap();
+        rotating.add_wrapper(2, Box::new(new)).unwrap();
+        rotating.write_with(2).unwrap();
+        assert_eq!(rotating.rewrap_all(1, 2, 512, |_| {}).unwrap(), 1);
+        assert!(switch_generation(rotating.store(), 1, 2, Vec::new()).unwrap());
+
+        let e = stale.get(&id).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::WrongKek);
+        assert!(
+            e.message()
+                .contains("a KEK rotation began since this provider opened"),
+            "{e}"
+        );
+        assert!(e.message().ends_with("reopen it"), "{e}");
+        assert!(!e.message().contains("finish or resume"), "{e}");
+
+        // Reopened with the new KEK, it reads the key.
+        let store = Store::open(&path).unwrap();
+        let fresh = EnvelopeProvider::open("fresh", store, Box::new(new_copy)).unwrap();
+        assert_eq!(fresh.get(&id).unwrap().version(), 1);
     }
 }

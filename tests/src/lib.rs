@@ -5,21 +5,31 @@
 //!   configuration file. Every command it runs is checked for leaked key material: stderr never
 //!   holds any key this store has printed, nor its master key, and a failing command prints
 //!   nothing on stdout.
+//! - [`kmsd_bin`] and [`Kmsd`]: the real `kmsd` binary, and a running instance of it.
 //! - [`Rng`]: a small seeded generator (seed from the OS, or `KMS_TEST_SEED` to replay a run).
+//! - [`check_acknowledged`]: what must hold of a store after any crash; [`KekState`]: where a
+//!   command-provider store is in a KEK rotation.
 //! - [`data_file`] and [`parse_id`]: the CLI cases kept as data under `tests/data/`.
 
 pub mod fuzzing;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fmt;
-use std::fs;
+use std::fs::{self, File};
+use std::io::{ErrorKind as ErrorKindIo, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
-use kms_core::SecretBytes;
+use kms_core::envelope::{CURRENT_KEK_META, fingerprint_meta_name};
+use kms_core::store::Store;
+use kms_core::{KeyId, KeyInfo, KeyProvider, SecretBytes};
+use rustix::fs::{Mode, OFlags};
 
 /// The `kms` binary of the profile these tests were built with.
 ///
@@ -28,10 +38,19 @@ use kms_core::SecretBytes;
 /// is fresh). Set `KMS_TEST_NO_BUILD=1` to use an existing binary as it is.
 pub fn kms_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(build_kms)
+    BIN.get_or_init(|| build_binary("kms-cli", "kms"))
 }
 
-fn build_kms() -> PathBuf {
+/// The `kmsd` binary of the profile these tests were built with, built like [`kms_bin`]
+/// (`cargo build -p kmsd`).
+pub fn kmsd_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| build_binary("kmsd", "kmsd"))
+}
+
+/// Builds `package` for this test executable's profile and target directory, and returns the
+/// path of its binary `bin`.
+fn build_binary(package: &str, bin: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the path of the test executable");
     // target/<profile>/deps/<test>-<hash>
     let profile_dir = exe
@@ -44,31 +63,31 @@ fn build_kms() -> PathBuf {
         Some(name) => name,
         None => panic!("unexpected target layout: {}", profile_dir.display()),
     };
-    let bin = profile_dir.join("kms");
-    if std::env::var_os("KMS_TEST_NO_BUILD").is_none() || !bin.is_file() {
+    let path = profile_dir.join(bin);
+    if std::env::var_os("KMS_TEST_NO_BUILD").is_none() || !path.is_file() {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "-p", "kms-cli", "--profile", profile])
+            .args(["build", "--quiet", "-p", package, "--profile", profile])
             .arg("--manifest-path")
             .arg(&manifest)
             .arg("--target-dir")
             .arg(target_dir)
             .stdin(Stdio::null())
             .status()
-            .expect("cannot run cargo to build the kms binary");
+            .unwrap_or_else(|e| panic!("cannot run cargo to build the {bin} binary: {e}"));
         // A failed build with a binary present (the workspace mid-edit) falls back to that
         // binary, loudly; without one there is nothing to test.
         if !status.success() {
-            assert!(bin.is_file(), "cargo build -p kms-cli failed: {status}");
+            assert!(path.is_file(), "cargo build -p {package} failed: {status}");
             eprintln!(
-                "warning: cargo build -p kms-cli failed ({status}); testing the existing {}",
-                bin.display()
+                "warning: cargo build -p {package} failed ({status}); testing the existing {}",
+                path.display()
             );
         }
     }
-    assert!(bin.is_file(), "no kms binary at {}", bin.display());
-    bin
+    assert!(path.is_file(), "no {bin} binary at {}", path.display());
+    path
 }
 
 /// A `kms` command for `args`, with no configuration from the environment.
@@ -234,29 +253,54 @@ pub fn toml_string(text: &str) -> String {
 /// The configuration text of a command provider in `dir` unlocked by `passphrase_command`,
 /// with `iterations` PBKDF2 iterations for new slots.
 ///
-/// Plugins next to the executable are not searched, so that `kms` runs the command provider
-/// linked into it, built from this workspace's sources, rather than a `libkms_command.so` that
-/// may be older.
+/// Plugins next to the executable are not searched ([`LINKED_ONLY`]).
 pub fn command_config(dir: &Path, passphrase_command: &str, iterations: u32) -> String {
     format!(
         "[provider]\nname = \"command\"\n[provider.options]\ndir = {}\n\
-         passphrase_command = {}\ntimeout = 10\niterations = {iterations}\n\
-         [plugins]\nnext_to_executable = false\n",
+         passphrase_command = {}\ntimeout = 10\niterations = {iterations}\n{LINKED_ONLY}",
         toml_string(&dir.display().to_string()),
         toml_string(passphrase_command),
     )
 }
 
+/// A `[plugins]` section that searches no plugin next to the executable, so that `kms` and
+/// `kmsd` run the providers linked into them, built from this workspace's sources, rather than
+/// a `libkms_<name>.so` beside them that may be older.
+pub const LINKED_ONLY: &str = "[plugins]\nnext_to_executable = false\n";
+
 impl Kms {
-    /// A new, initialised store (`kms --config FILE init`).
+    /// A new, initialised file-provider store (`kms --config FILE init`).
     pub fn new() -> Kms {
+        let kms = Kms::init_with(file_config);
+        kms.remember(&fs::read(kms.master_key_path()).expect("master.key"));
+        kms
+    }
+
+    /// A new store initialised by `kms --config FILE init`, FILE holding `config(dir)` for the
+    /// store directory `dir`.
+    pub fn init_with(config: impl FnOnce(&Path) -> String) -> Kms {
         let kms = Kms::uninitialised();
+        fs::write(&kms.config, config(&kms.dir)).expect("write the configuration");
         let run = kms.run(["init"]);
         assert_eq!(run.code, 0, "{run}");
         assert!(run.stdout.is_empty(), "init printed on stdout");
         assert!(run.stderr.contains("initialised"), "{run}");
-        kms.remember(&fs::read(kms.master_key_path()).expect("master.key"));
         kms
+    }
+
+    /// Appends a `[server]` section to the configuration, with the socket `kms.sock` in the
+    /// temporary directory, and returns the socket's path: `kmsd --config FILE` then serves
+    /// this store, and `kms --config FILE` still opens it in-process.
+    pub fn add_server(&self) -> PathBuf {
+        let socket = self.root().join("kms.sock");
+        let section = format!(
+            "[server]\nsocket = {}\n",
+            toml_string(&socket.display().to_string())
+        );
+        let mut text = fs::read_to_string(&self.config).expect("read the configuration");
+        text.push_str(&section);
+        fs::write(&self.config, text).expect("write the configuration");
+        socket
     }
 
     /// A configuration naming a store directory that does not exist yet.
@@ -518,6 +562,17 @@ impl Rng {
             items.swap(i, j);
         }
     }
+
+    /// `n` delays in `lo..hi` microseconds, one drawn in each of `n` equal strata, shuffled:
+    /// random points that still cover the whole span.
+    pub fn stratified(&mut self, n: u64, lo: u64, hi: u64) -> Vec<Duration> {
+        let width = (hi - lo) / n;
+        let mut delays: Vec<Duration> = (0..n)
+            .map(|k| Duration::from_micros(self.range(lo + k * width, lo + (k + 1) * width - 1)))
+            .collect();
+        self.shuffle(&mut delays);
+        delays
+    }
 }
 
 /// The text of `tests/data/NAME`.
@@ -613,6 +668,381 @@ pub fn wait_for_group_exit(pgid: u32) {
             "process group {pgid} did not exit"
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// When to send SIGKILL.
+#[derive(Clone, Copy, Debug)]
+pub enum KillAt {
+    /// This long after the process was started.
+    Delay(Duration),
+    /// Once the process is blocked writing to its stderr, a pipe left with room for only this
+    /// many bytes: a kill at an exact point, right after the output that fits.
+    StderrFull(usize),
+}
+
+/// Linux's page size, the unit of a pipe's capacity.
+pub const PAGE: usize = 4096;
+
+/// A FIFO at `path` that can take only `room` (< [`PAGE`]) more bytes: our end (read-write,
+/// non-blocking), the writing end for the child (blocking) and the bytes already in it.
+pub fn full_fifo(path: &Path, room: usize) -> (File, File, usize) {
+    assert!(room < PAGE, "room for {room} bytes");
+    rustix::fs::mkfifoat(rustix::fs::CWD, path, Mode::from_raw_mode(0o600)).expect("mkfifo");
+    let mut ours = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .expect("open the FIFO");
+    // Its capacity in pages: writes of one page are atomic, so fill it page by page, then
+    // empty it.
+    let page = [b'.'; PAGE];
+    let mut pages = 0;
+    loop {
+        match ours.write(&page) {
+            Ok(n) => {
+                assert_eq!(n, PAGE, "a partial write of one page");
+                pages += 1;
+            }
+            Err(e) if e.kind() == ErrorKindIo::WouldBlock => break,
+            Err(e) => panic!("fill the FIFO: {e}"),
+        }
+    }
+    drain(&mut ours);
+    // Every page full but the last, which has `room` bytes free; a write that does not fit
+    // there cannot start another page and blocks.
+    for _ in 1..pages {
+        ours.write_all(&page).expect("fill the FIFO");
+    }
+    ours.write_all(&page[..PAGE - room]).expect("fill the FIFO");
+    let theirs = fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .expect("open the FIFO's writing end");
+    (ours, theirs, pages * PAGE - room)
+}
+
+/// Everything that can be read from `file` (non-blocking) now.
+pub fn drain(file: &mut File) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; PAGE];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => return out,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKindIo::WouldBlock => return out,
+            Err(e) => panic!("read the FIFO: {e}"),
+        }
+    }
+}
+
+/// Waits until process `pid` is blocked writing to a pipe, or has exited (a zombie), or a
+/// minute has passed.
+pub fn wait_blocked_in_pipe_write(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z');
+        if wchan.contains("pipe_write") || zombie {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+impl Kms {
+    /// Runs `kms --config FILE ARGS...` and sends it SIGKILL at `at`; returns the run, whose
+    /// code is 137 if the kill landed before the process ended by itself.
+    pub fn run_and_kill(&self, args: &[&str], at: KillAt) -> Run {
+        let mut cmd = kms_command(["--config".as_ref(), self.config.as_os_str()]);
+        cmd.args(args);
+        self.spawn_and_kill(cmd, &format!("kms {}", args.join(" ")), at)
+    }
+
+    /// Runs `cmd` (from [`kms_command`], `what` naming it in messages) and sends it SIGKILL at
+    /// `at`, as [`run_and_kill`](Kms::run_and_kill) does.
+    pub fn spawn_and_kill(&self, mut cmd: Command, what: &str, at: KillAt) -> Run {
+        let fifo_path = self.root().join("stderr.fifo");
+        let mut fifo = None;
+        if let KillAt::StderrFull(room) = at {
+            let (ours, theirs, prefilled) = full_fifo(&fifo_path, room);
+            cmd.stderr(theirs);
+            fifo = Some((ours, prefilled));
+        }
+        let started = Instant::now();
+        let mut child = cmd.spawn().expect("start kms");
+        drop(cmd);
+        let pid = rustix::process::Pid::from_child(&child);
+        let reader = child.stderr.take().map(|mut stderr| {
+            std::thread::spawn(move || {
+                let mut all = Vec::new();
+                stderr.read_to_end(&mut all).expect("read stderr");
+                all
+            })
+        });
+        match at {
+            KillAt::Delay(delay) => std::thread::sleep(delay.saturating_sub(started.elapsed())),
+            KillAt::StderrFull(_) => wait_blocked_in_pipe_write(child.id()),
+        }
+        // The child is not reaped before `wait`, so the pid is still its own.
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        let status = child.wait().expect("wait for kms");
+        let mut stdout = Vec::new();
+        let mut out = child.stdout.take().expect("stdout is piped");
+        out.read_to_end(&mut stdout).expect("read stdout");
+        let stderr = match (reader, fifo) {
+            (Some(reader), _) => reader.join().expect("the stderr reader"),
+            (None, Some((mut ours, prefilled))) => {
+                let all = drain(&mut ours);
+                fs::remove_file(&fifo_path).expect("remove the FIFO");
+                all[prefilled..].to_vec()
+            }
+            (None, None) => unreachable!("stderr is piped or a FIFO"),
+        };
+        self.checked(Run {
+            what: format!("{what} (killed at {at:?})"),
+            code: exit_code(status),
+            stdout,
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        })
+    }
+}
+
+/// A `kmsd` process serving one configuration, killed with SIGKILL when dropped.
+pub struct Kmsd {
+    child: Option<Child>,
+    config: PathBuf,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Kmsd {
+    /// Starts `kmsd --config CONFIG --log-level warn`, its stderr appended to `log`, and waits
+    /// until it answers on `socket` (the socket its configuration names).
+    pub fn start(config: &Path, socket: &Path, log: &Path) -> Kmsd {
+        let mut kmsd = Kmsd {
+            child: None,
+            config: config.to_path_buf(),
+            socket: socket.to_path_buf(),
+            log: log.to_path_buf(),
+        };
+        kmsd.restart();
+        kmsd
+    }
+
+    /// Starts kmsd again after [`kill`](Kmsd::kill), and waits until it answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "kmsd is already running");
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open kmsd's log");
+        let child = Command::new(kmsd_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--log-level", "warn"])
+            .env_remove("KMS_CONFIG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("start kmsd");
+        let child = self.child.insert(child);
+
+        // Serving once a connection gets the greeting. The deadline only turns a kmsd that
+        // hangs into a failure instead of a stuck test.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while kms_client::Client::connect(&self.socket).is_err() {
+            if let Some(status) = child.try_wait().expect("poll kmsd") {
+                self.child = None;
+                panic!("kmsd exited at start ({status}): {}", self.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "kmsd did not serve on {} within a minute: {}",
+                self.socket.display(),
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The socket kmsd serves.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Whether kmsd was started and not killed since.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// A new connection to kmsd.
+    pub fn connect(&self) -> kms_client::RemoteProvider {
+        kms_client::RemoteProvider::connect(&self.socket)
+            .unwrap_or_else(|e| panic!("cannot connect to kmsd: {e}"))
+    }
+
+    /// What kmsd wrote to its log so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends kmsd SIGKILL and waits until it is gone; panics if it had exited by itself.
+    pub fn kill(&mut self) {
+        let mut child = self.child.take().expect("kmsd is running");
+        if let Some(status) = child.try_wait().expect("poll kmsd") {
+            panic!("kmsd exited by itself ({status}): {}", self.log_text());
+        }
+        // Not reaped yet, so the pid is still kmsd's.
+        let _ = rustix::process::kill_process(
+            rustix::process::Pid::from_child(&child),
+            rustix::process::Signal::KILL,
+        );
+        let status = child.wait().expect("wait for kmsd");
+        assert_eq!(exit_code(status), 128 + 9, "kmsd: {}", self.log_text());
+    }
+}
+
+impl Drop for Kmsd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Reads every key `provider` lists and checks the acknowledged ones: each is listed and reads
+/// back with identical bytes. Returns the listing.
+pub fn check_acknowledged(
+    provider: &dyn KeyProvider,
+    acked: &BTreeMap<String, Vec<u8>>,
+    context: &str,
+) -> Vec<KeyInfo> {
+    let listed = provider
+        .list("")
+        .unwrap_or_else(|e| panic!("{context}: {provider} does not list: {e}"));
+    let ids: BTreeSet<&str> = listed.iter().map(|info| info.id.as_str()).collect();
+    for (id, bytes) in acked {
+        assert!(
+            ids.contains(id.as_str()),
+            "{context}: acknowledged key {id} is not listed by {provider}"
+        );
+        let got = provider
+            .get(&KeyId::new(id).expect("a valid id"))
+            .unwrap_or_else(|e| panic!("{context}: acknowledged key {id} is lost: {e}"));
+        assert!(
+            got.expose_secret() == bytes.as_slice(),
+            "{context}: acknowledged key {id} changed ({provider})"
+        );
+    }
+    for info in &listed {
+        provider
+            .get(&info.id)
+            .unwrap_or_else(|e| panic!("{context}: listed key {} does not read: {e}", info.id));
+    }
+    listed
+}
+
+/// The metadata entry of an unfinished KEK rotation of the command provider (its target
+/// generation).
+pub const ROTATION_META: &str = "command.rotation";
+
+/// The KEK rotation state of a command-provider store, read from its metadata and rows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KekState {
+    /// `kek.current`.
+    pub current: u32,
+    /// `command.rotation`: the target generation of an unfinished rotation.
+    pub rotation: Option<u32>,
+    /// Rows per KEK generation.
+    pub rows: BTreeMap<u32, u64>,
+    /// Every metadata name.
+    pub meta: Vec<String>,
+}
+
+impl KekState {
+    /// Reads the state of the store of `kms` (a command-provider store).
+    pub fn read(kms: &Kms, context: &str) -> KekState {
+        let path = kms.dir.join(kms_command::STORE_FILE);
+        let store = Store::open(&path)
+            .unwrap_or_else(|e| panic!("{context}: the store file does not open: {e}"));
+        let generation = |name: &str| {
+            let raw = store.meta(name).expect("read the metadata")?;
+            let text = String::from_utf8(raw).expect("a generation is text");
+            Some(text.parse::<u32>().expect("a generation is a number"))
+        };
+        KekState {
+            current: generation(CURRENT_KEK_META).unwrap_or(1),
+            rotation: generation(ROTATION_META),
+            rows: store
+                .count_by_kek()
+                .expect("count rows")
+                .into_iter()
+                .collect(),
+            meta: store
+                .meta_with_prefix("")
+                .expect("read the metadata")
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect(),
+        }
+    }
+
+    /// The number of rows under KEK generation `generation`.
+    pub fn rows_under(&self, generation: u32) -> u64 {
+        self.rows.get(&generation).copied().unwrap_or(0)
+    }
+
+    /// The number of rows.
+    pub fn total_rows(&self) -> u64 {
+        self.rows.values().sum()
+    }
+
+    /// What must hold whenever no process is running, whatever was killed where: `total` rows,
+    /// every one under the current generation or the rotation's target, and the slot (of the
+    /// one slot `primary`) and fingerprint of exactly the live generations.
+    pub fn check(&self, total: u64, context: &str) {
+        let live: Vec<u32> = std::iter::once(self.current).chain(self.rotation).collect();
+        if let Some(target) = self.rotation {
+            assert_eq!(target, self.current + 1, "{context}: {self:?}");
+        }
+        assert_eq!(
+            self.total_rows(),
+            total,
+            "{context}: rows were lost or added: {self:?}"
+        );
+        assert!(
+            self.rows.keys().all(|g| live.contains(g)),
+            "{context}: a row is under a generation that is not live: {self:?}"
+        );
+        let mut expected: Vec<String> = live
+            .iter()
+            .flat_map(|&g| {
+                [
+                    format!("command.slot.primary.{g}"),
+                    fingerprint_meta_name(g),
+                ]
+            })
+            .collect();
+        expected.sort();
+        let mut found: Vec<String> = self
+            .meta
+            .iter()
+            .filter(|n| n.starts_with("command.slot.") || n.ends_with(".fingerprint"))
+            .cloned()
+            .collect();
+        found.sort();
+        assert_eq!(found, expected, "{context}: slots and fingerprints");
     }
 }
 

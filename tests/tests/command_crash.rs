@@ -12,26 +12,16 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::fs::File;
-use std::io::{ErrorKind as ErrorKindIo, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
-use std::thread::{self, sleep};
+use std::os::unix::fs::DirBuilderExt;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use kms_command::Options;
-use kms_core::envelope::{CURRENT_KEK_META, fingerprint_meta_name};
-use kms_core::store::Store;
 use kms_core::{ErrorKind, KeyId, KeyProvider, KeySpec};
-use kms_tests::{Kms, Rng, Run, command_config, exit_code, kms_command};
-use rustix::fs::{Mode, OFlags};
-use rustix::process::{Pid, Signal, kill_process};
+use kms_tests::{KekState, KillAt, Kms, ROTATION_META, Rng, Run, command_config, kms_command};
 
 /// PBKDF2 iterations of every store here (see the module documentation).
 const ITERATIONS: u32 = 1000;
-
-/// The metadata entry of an unfinished KEK rotation (its target generation).
-const ROTATION_META: &str = "command.rotation";
 
 /// Keys and their bytes, as created.
 type Keys = Vec<(KeyId, Vec<u8>)>;
@@ -53,13 +43,7 @@ fn options(kms: &Kms, passphrase_command: &str) -> Options {
 
 /// A command-provider store made by `kms init`, unlocked by `passphrase_command`.
 fn command_store(passphrase_command: &str) -> Kms {
-    let kms = Kms::uninitialised();
-    write_config(&kms, passphrase_command);
-    let run = kms.run(["init"]);
-    assert_eq!(run.code, 0, "{run}");
-    assert!(run.stdout.is_empty(), "init printed on stdout");
-    assert!(run.stderr.contains("initialised command provider"), "{run}");
-    kms
+    Kms::init_with(|dir| command_config(dir, passphrase_command, ITERATIONS))
 }
 
 /// Creates `count` keys in-process from `threads` threads (the store group-commits them).
@@ -109,235 +93,6 @@ fn check_keys<'a>(
     }
 }
 
-/// The rotation state of a store, read from its metadata and rows.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct State {
-    /// `kek.current`.
-    current: u32,
-    /// `command.rotation`: the target generation of an unfinished rotation.
-    rotation: Option<u32>,
-    /// Rows per KEK generation.
-    rows: BTreeMap<u32, u64>,
-    /// Every metadata name.
-    meta: Vec<String>,
-}
-
-impl State {
-    fn read(kms: &Kms, context: &str) -> State {
-        let path = kms.dir.join(kms_command::STORE_FILE);
-        let store = Store::open(&path)
-            .unwrap_or_else(|e| panic!("{context}: the store file does not open: {e}"));
-        let generation = |name: &str| {
-            let raw = store.meta(name).expect("read the metadata")?;
-            let text = String::from_utf8(raw).expect("a generation is text");
-            Some(text.parse::<u32>().expect("a generation is a number"))
-        };
-        State {
-            current: generation(CURRENT_KEK_META).unwrap_or(1),
-            rotation: generation(ROTATION_META),
-            rows: store
-                .count_by_kek()
-                .expect("count rows")
-                .into_iter()
-                .collect(),
-            meta: store
-                .meta_with_prefix("")
-                .expect("read the metadata")
-                .into_iter()
-                .map(|(name, _)| name)
-                .collect(),
-        }
-    }
-
-    fn rows_under(&self, generation: u32) -> u64 {
-        self.rows.get(&generation).copied().unwrap_or(0)
-    }
-
-    /// What must hold whenever no process is running, whatever was killed where: every row
-    /// under the current generation or the rotation's target, and the slot and fingerprint of
-    /// exactly the live generations.
-    fn check(&self, total: u64, context: &str) {
-        let live: Vec<u32> = std::iter::once(self.current).chain(self.rotation).collect();
-        if let Some(target) = self.rotation {
-            assert_eq!(target, self.current + 1, "{context}: {self:?}");
-        }
-        assert_eq!(
-            self.rows.values().sum::<u64>(),
-            total,
-            "{context}: rows were lost or added: {self:?}"
-        );
-        assert!(
-            self.rows.keys().all(|g| live.contains(g)),
-            "{context}: a row is under a generation that is not live: {self:?}"
-        );
-        let mut expected: Vec<String> = live
-            .iter()
-            .flat_map(|&g| {
-                [
-                    format!("command.slot.primary.{g}"),
-                    fingerprint_meta_name(g),
-                ]
-            })
-            .collect();
-        expected.sort();
-        let mut found: Vec<String> = self
-            .meta
-            .iter()
-            .filter(|n| n.starts_with("command.slot.") || n.ends_with(".fingerprint"))
-            .cloned()
-            .collect();
-        found.sort();
-        assert_eq!(found, expected, "{context}: slots and fingerprints");
-    }
-}
-
-/// When to send SIGKILL.
-#[derive(Clone, Copy, Debug)]
-enum KillAt {
-    /// This long after the process was started.
-    Delay(Duration),
-    /// Once the process is blocked writing to its stderr, a pipe left with room for only this
-    /// many bytes: a kill at an exact point, right after the output that fits.
-    StderrFull(usize),
-}
-
-/// Linux's page size, the unit of a pipe's capacity.
-const PAGE: usize = 4096;
-
-/// A FIFO at `path` that can take only `room` (< [`PAGE`]) more bytes: our end (read-write,
-/// non-blocking), the writing end for the child (blocking) and the bytes already in it.
-fn full_fifo(path: &Path, room: usize) -> (File, File, usize) {
-    assert!(room < PAGE, "room for {room} bytes");
-    rustix::fs::mkfifoat(rustix::fs::CWD, path, Mode::from_raw_mode(0o600)).expect("mkfifo");
-    let mut ours = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(OFlags::NONBLOCK.bits() as i32)
-        .open(path)
-        .expect("open the FIFO");
-    // Its capacity in pages: writes of one page are atomic, so fill it page by page, then
-    // empty it.
-    let page = [b'.'; PAGE];
-    let mut pages = 0;
-    loop {
-        match ours.write(&page) {
-            Ok(n) => {
-                assert_eq!(n, PAGE, "a partial write of one page");
-                pages += 1;
-            }
-            Err(e) if e.kind() == ErrorKindIo::WouldBlock => break,
-            Err(e) => panic!("fill the FIFO: {e}"),
-        }
-    }
-    drain(&mut ours);
-    // Every page full but the last, which has `room` bytes free; a write that does not fit
-    // there cannot start another page and blocks.
-    for _ in 1..pages {
-        ours.write_all(&page).expect("fill the FIFO");
-    }
-    ours.write_all(&page[..PAGE - room]).expect("fill the FIFO");
-    let theirs = fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .expect("open the FIFO's writing end");
-    (ours, theirs, pages * PAGE - room)
-}
-
-/// Everything that can be read from `file` (non-blocking) now.
-fn drain(file: &mut File) -> Vec<u8> {
-    let mut out = Vec::new();
-    let mut buf = [0u8; PAGE];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => return out,
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKindIo::WouldBlock => return out,
-            Err(e) => panic!("read the FIFO: {e}"),
-        }
-    }
-}
-
-/// Waits until process `pid` is blocked writing to a pipe, or has exited (a zombie), or a
-/// minute has passed.
-fn wait_blocked_in_pipe_write(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let wchan = fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .trim_start()
-            .starts_with('Z');
-        if wchan.contains("pipe_write") || zombie {
-            return;
-        }
-        sleep(Duration::from_millis(1));
-    }
-}
-
-/// Runs `kms --config FILE ARGS...` and sends it SIGKILL at `at`; returns the run, whose
-/// code is 137 if the kill landed before the process ended by itself.
-fn run_and_kill(kms: &Kms, args: &[&str], at: KillAt) -> Run {
-    let mut cmd = kms_command(["--config".as_ref(), kms.config.as_os_str()]);
-    cmd.args(args);
-    let fifo_path = kms.root().join("stderr.fifo");
-    let mut fifo = None;
-    if let KillAt::StderrFull(room) = at {
-        let (ours, theirs, prefilled) = full_fifo(&fifo_path, room);
-        cmd.stderr(theirs);
-        fifo = Some((ours, prefilled));
-    }
-    let started = Instant::now();
-    let mut child = cmd.spawn().expect("start kms");
-    drop(cmd);
-    let pid = Pid::from_child(&child);
-    let reader = child.stderr.take().map(|mut stderr| {
-        thread::spawn(move || {
-            let mut all = Vec::new();
-            stderr.read_to_end(&mut all).expect("read stderr");
-            all
-        })
-    });
-    match at {
-        KillAt::Delay(delay) => sleep(delay.saturating_sub(started.elapsed())),
-        KillAt::StderrFull(_) => wait_blocked_in_pipe_write(child.id()),
-    }
-    // The child is not reaped before `wait`, so the pid is still its own.
-    let _ = kill_process(pid, Signal::KILL);
-    let status = child.wait().expect("wait for kms");
-    let mut stdout = Vec::new();
-    let mut out = child.stdout.take().expect("stdout is piped");
-    out.read_to_end(&mut stdout).expect("read stdout");
-    let stderr = match (reader, fifo) {
-        (Some(reader), _) => reader.join().expect("the stderr reader"),
-        (None, Some((mut ours, prefilled))) => {
-            let all = drain(&mut ours);
-            fs::remove_file(&fifo_path).expect("remove the FIFO");
-            all[prefilled..].to_vec()
-        }
-        (None, None) => unreachable!("stderr is piped or a FIFO"),
-    };
-    kms.checked(Run {
-        what: format!("kms {} (killed at {at:?})", args.join(" ")),
-        code: exit_code(status),
-        stdout,
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    })
-}
-
-/// `n` delays in `lo..hi` microseconds, one drawn in each of `n` equal strata, shuffled: random
-/// points that still cover the whole span.
-fn stratified(rng: &mut Rng, n: u64, lo: u64, hi: u64) -> Vec<Duration> {
-    let width = (hi - lo) / n;
-    let mut delays: Vec<Duration> = (0..n)
-        .map(|k| Duration::from_micros(rng.range(lo + k * width, lo + (k + 1) * width - 1)))
-        .collect();
-    rng.shuffle(&mut delays);
-    delays
-}
-
 /// A copy of the store directory (0700) and a configuration naming it, in a new temporary
 /// directory.
 fn copy_store(kms: &Kms) -> (tempfile::TempDir, std::path::PathBuf) {
@@ -375,7 +130,7 @@ fn assert_finished(run: &Run, resuming: bool, context: &str) {
 const KEYS: usize = 10_000;
 
 /// Where a kill of `kms rotate-kek` landed, from the store's state before and after it.
-fn rotation_phase(run: &Run, before: &State, after: &State) -> &'static str {
+fn rotation_phase(run: &Run, before: &KekState, after: &KekState) -> &'static str {
     let old_left = after.rows_under(after.current);
     if run.code == 0 {
         "after the process had exited"
@@ -411,7 +166,7 @@ fn sigkill_during_kek_rotation_loses_no_key() {
         kms.remember(&keys[rng.range(0, KEYS as u64 - 1) as usize].1);
     }
     let created = started.elapsed();
-    State::read(&kms, "after creating").check(KEYS as u64, "after creating");
+    KekState::read(&kms, "after creating").check(KEYS as u64, "after creating");
     check_keys(&options, &keys, "after creating");
     let checked = started.elapsed() - created;
 
@@ -446,7 +201,8 @@ fn sigkill_during_kek_rotation_loses_no_key() {
     // finishes what its kill left), so the early kills, meant for phase 1, and the phase 3
     // kills, whose stderr must be that of a fresh rotation, are put in even rounds.
     let span = (full.as_micros() as u64 * 11 / 10).max(60_000);
-    let mut plan: Vec<KillAt> = stratified(&mut rng, 15, 20_000, span)
+    let mut plan: Vec<KillAt> = rng
+        .stratified(15, 20_000, span)
         .into_iter()
         .map(KillAt::Delay)
         .collect();
@@ -467,9 +223,9 @@ fn sigkill_during_kek_rotation_loses_no_key() {
     let mut resumed_runs = 0;
     for (round, at) in plan.into_iter().enumerate() {
         let context = format!("kill {round}");
-        let before = State::read(&kms, &context);
+        let before = KekState::read(&kms, &context);
         let resuming = before.rotation.is_some();
-        let run = run_and_kill(&kms, &["rotate-kek"], at);
+        let run = kms.run_and_kill(&["rotate-kek"], at);
         assert!(
             matches!(run.code, 0 | 137),
             "{context}: neither finished nor killed: {run}"
@@ -481,7 +237,7 @@ fn sigkill_during_kek_rotation_loses_no_key() {
         }
 
         // Where the kill landed, from what the store holds now.
-        let after = State::read(&kms, &context);
+        let after = KekState::read(&kms, &context);
         after.check(KEYS as u64, &context);
         let phase = rotation_phase(&run, &before, &after);
         if let KillAt::StderrFull(_) = at {
@@ -504,17 +260,17 @@ fn sigkill_during_kek_rotation_loses_no_key() {
             let run = kms.run(["rotate-kek"]);
             assert_finished(&run, true, &format!("{context}, resumed"));
             resumed_runs += 1;
-            let done = State::read(&kms, &context);
+            let done = KekState::read(&kms, &context);
             done.check(KEYS as u64, &format!("{context}, resumed"));
             assert_eq!((done.current, done.rotation), (after.current + 1, None));
         }
     }
 
     // A rotation that completes, and leaves no trace of an unfinished one.
-    let before = State::read(&kms, "the last rotation");
+    let before = KekState::read(&kms, "the last rotation");
     let run = kms.run(["rotate-kek"]);
     assert_finished(&run, before.rotation.is_some(), "the last rotation");
-    let end = State::read(&kms, "at the end");
+    let end = KekState::read(&kms, "at the end");
     end.check(KEYS as u64, "at the end");
     assert_eq!(end.rotation, None, "{end:?}");
     assert!(!end.meta.iter().any(|n| n == ROTATION_META), "{end:?}");
@@ -625,7 +381,8 @@ fn sigkill_during_a_passphrase_change_leaves_exactly_one_passphrase() {
     // and two once the change is committed and kms is about to say so (its only line on
     // stderr), its stderr a full pipe.
     let span = (typical.as_micros() as u64 * 5 / 4).max(20_000);
-    let mut plan: Vec<KillAt> = stratified(&mut rng, 16, 0, span)
+    let mut plan: Vec<KillAt> = rng
+        .stratified(16, 0, span)
         .into_iter()
         .map(KillAt::Delay)
         .chain([KillAt::StderrFull(0), KillAt::StderrFull(0)])
@@ -642,7 +399,7 @@ fn sigkill_during_a_passphrase_change_leaves_exactly_one_passphrase() {
         write_config(&kms, &format!("printf {}", passphrases[current]));
         let args = change(1 - current);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let run = run_and_kill(&kms, &args, at);
+        let run = kms.run_and_kill(&args, at);
         assert!(
             matches!(run.code, 0 | 137),
             "{context}: neither finished nor killed: {run}"

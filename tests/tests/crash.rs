@@ -14,35 +14,20 @@ use std::time::{Duration, Instant};
 use kms_core::KeyId;
 use kms_core::KeyProvider;
 use kms_tests::{
-    Kms, Rng, Run, exit_code, kms_bin, kms_command, parse_hex_line, wait_for_group_exit,
+    Kms, Rng, Run, check_acknowledged, exit_code, kms_bin, kms_command, parse_hex_line,
+    wait_for_group_exit,
 };
 use rustix::process::{Pid, Signal, kill_process, kill_process_group};
 
-/// Reads every listed key in-process and checks the acknowledged ones.
+/// Reads every listed key in-process and checks the acknowledged ones; the CLI lists the same
+/// keys.
 fn check_store(kms: &Kms, acked: &BTreeMap<String, Vec<u8>>, context: &str) {
-    let listed = kms.list();
-    let listed_ids: Vec<&str> = listed.iter().map(|(id, _, _)| id.as_str()).collect();
     let provider = kms_file::open(&kms_file::Options::in_dir(&kms.dir))
         .unwrap_or_else(|e| panic!("{context}: the store does not open: {e}"));
-    for (id, key) in acked {
-        assert!(
-            listed_ids.binary_search(&id.as_str()).is_ok(),
-            "{context}: acknowledged key {id} is not listed"
-        );
-        let got = provider
-            .get(&KeyId::new(id).unwrap())
-            .unwrap_or_else(|e| panic!("{context}: acknowledged key {id} is lost: {e}"));
-        assert_eq!(
-            got.expose_secret(),
-            key.as_slice(),
-            "{context}: {id} changed"
-        );
-    }
-    for id in listed_ids {
-        provider
-            .get(&KeyId::new(id).unwrap())
-            .unwrap_or_else(|e| panic!("{context}: listed key {id} does not read: {e}"));
-    }
+    let listed = check_acknowledged(&provider, acked, context);
+    let listed: Vec<String> = listed.into_iter().map(|info| info.id.to_string()).collect();
+    let by_cli: Vec<String> = kms.list().into_iter().map(|(id, _, _)| id).collect();
+    assert_eq!(by_cli, listed, "{context}: the CLI lists other keys");
 }
 
 /// A shell loop runs `kms create` after `kms create` and logs each acknowledged key; its whole
