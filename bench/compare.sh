@@ -6,7 +6,9 @@
 #
 # Needs: bao on PATH (or $KMS_BAO), softhsm2-util and /usr/lib/softhsm/libsofthsm2.so, openssl,
 # a C compiler with libssl-dev (for the PBKDF2 reference); .ci/run installs all of them.
-# Takes about 8 minutes on 2 cores; scratch data goes under target/.
+# Takes about 4 minutes of measuring on 2 cores after the release build (which can take 10);
+# scratch data goes under target/. Stopped by SIGTERM alone, it leaves its servers running:
+# stop it with Ctrl-C (the whole process group).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --locked -p kmsd -p kms-cli -p kms-bench

@@ -4,8 +4,8 @@
 //! Started here, on loopback, and stopped at the end:
 //!
 //! - kmsd over the file provider twice on one store: with its cache (cached `GET`, durable
-//!   `GET-OR-CREATE` of new ids) and with a cache of one key (uncached `GET`: 64 keys asked in
-//!   turn, so every `GET` reads the store and unwraps);
+//!   `GET-OR-CREATE` of new ids) and with a cache of one key (uncached `GET`: 4,096 keys, each
+//!   client walking its own run of them, so every `GET` reads the store and unwraps);
 //! - `bao server -dev` (in-memory storage, the fastest OpenBao there is), with Transit: the
 //!   peers `decrypt` (of kmsd's `GET`) and `datakey/plaintext` (of `GET-OR-CREATE`);
 //! - kmsd over the openbao provider on that server, cache of one key: every `GET` is a Transit
@@ -55,9 +55,10 @@ const HSM_PIN_ENV: &str = "KMS_BENCH_PKCS11_PIN";
 #[derive(Clone, Copy)]
 struct Load {
     rps: f64,
+    requests: f64,
     p50_us: f64,
     p99_us: f64,
-    /// kmsd's cache hits and misses during the run (none for OpenBao).
+    /// kmsd's cache hits and provider calls during the run (none for OpenBao).
     cache: Option<(f64, f64)>,
 }
 
@@ -69,11 +70,13 @@ impl Load {
             micros(self.p50_us),
             micros(self.p99_us)
         );
-        if let Some((hits, misses)) = self.cache
-            && hits + misses > 0.0
-        {
-            let share = 100.0 * hits / (hits + misses);
-            shown.push_str(&format!(", {share:.1}% cache hits"));
+        if let Some((hits, calls)) = self.cache {
+            let requests = self.requests.max(1.0);
+            shown.push_str(&format!(
+                ", {:.1}% cache hits, {:.2} provider calls per request",
+                100.0 * hits / requests,
+                calls / requests
+            ));
         }
         shown
     }
@@ -209,7 +212,7 @@ pub fn run(table: &mut Table) -> Result<()> {
         "kmsd and OpenBao: each load is `kms-load` (one thread and connection per client, one \
          request at a time), {LOAD_SECONDS} s per figure; kmsd on a Unix socket, OpenBao \
          `bao server -dev` (in-memory storage) over HTTP on loopback. Clients and servers share \
-         the machine's cores. Uncached GET: kmsd with `cache_size = 1` (one key per cache shard, 16 in all) and 4,096 keys asked in turn; the hit share is read from kmsd's STATS counters."
+         the machine's cores. Uncached GET: kmsd with `cache_size = 1` (one key per cache shard, 16 in all) and 4,096 keys, each client walking its own run of them; hits and provider calls (get and get_or_create) per request are read from kmsd's STATS counters."
     ));
     Ok(())
 }
@@ -335,7 +338,8 @@ fn load(bins: &Binaries, args: &[&str], env: &[(&str, &str)]) -> Result<Load> {
         .with_context(|| format!("cannot run {}", bins.load.display()))?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr);
-        bail!("kms-load {} failed: {}", args.join(" "), stderr.trim());
+        let last = stderr.lines().last().unwrap_or("no message").trim();
+        bail!("{}", last.trim_start_matches("kms-load: "));
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let field = |name: &str| -> Result<f64> {
@@ -345,12 +349,13 @@ fn load(bins: &Binaries, args: &[&str], env: &[(&str, &str)]) -> Result<Load> {
             .and_then(|value| value.parse().ok())
             .with_context(|| format!("kms-load printed no {name}: {stdout:?}"))
     };
-    let cache = match (field("kmsd_cache_hits"), field("kmsd_cache_misses")) {
-        (Ok(hits), Ok(misses)) => Some((hits, misses)),
+    let cache = match (field("kmsd_cache_hits"), field("kmsd_provider_calls")) {
+        (Ok(hits), Ok(calls)) => Some((hits, calls)),
         _ => None,
     };
     Ok(Load {
         rps: field("rps")?,
+        requests: field("requests")?,
         p50_us: field("p50_us")?,
         p99_us: field("p99_us")?,
         cache,

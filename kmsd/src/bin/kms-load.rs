@@ -249,7 +249,7 @@ fn run_transit_client(
             format!("datakey/plaintext/{key}"),
             serde_json::json!({ "bits": 256 }),
         ),
-        other => bail!("--op {other:?} is a kmsd operation, not a Transit one"),
+        _ => bail!("with --openbao, --op is transit-decrypt or transit-datakey"),
     };
     let mut latencies_ns = Vec::with_capacity(1 << 14);
     while Instant::now() < deadline {
@@ -273,7 +273,13 @@ fn run_client(
     let stride = args.clients;
     while Instant::now() < deadline {
         let request = match args.op {
-            Op::Get => format!("GET {}/{}\n", args.prefix, (client + n * 7) % args.keys),
+            // Each client walks its own run of keys, so that no two clients ask for the same
+            // key at once: kmsd would merge their misses into one provider call.
+            Op::Get => format!(
+                "GET {}/{}\n",
+                args.prefix,
+                (client * args.keys / args.clients + n) % args.keys
+            ),
             Op::GetUncached => format!("GET {}\n", indexed_id(args, client + n * stride)),
             Op::GetOrCreateNew => format!("GET-OR-CREATE {}/{run_tag}/{client}/{n}\n", args.prefix),
             Op::Fill => {
@@ -284,7 +290,7 @@ fn run_client(
                 format!("GET {}\n", indexed_id(args, index))
             }
             Op::TransitDecrypt | Op::TransitDatakey => {
-                bail!("--op {:?} needs --openbao", args.op)
+                bail!("--op transit-decrypt and transit-datakey need --openbao URL")
             }
         };
         let started = Instant::now();
@@ -362,8 +368,32 @@ impl Drop for Spawned {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever RUST_BACKTRACE says: kms-bench puts it in a table cell.
+            let text = format!("{e:#}").replace(['\n', '\r'], " ");
+            eprintln!("kms-load: {text}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     let args = Args::parse();
+    if args.clients == 0 || args.clients > 10_000 {
+        bail!("--clients is 1 to 10000, not {}", args.clients);
+    }
+    if !(args.seconds.is_finite() && args.seconds > 0.0 && args.seconds <= 86_400.0) {
+        bail!(
+            "--seconds is more than 0 and at most 86400, not {}",
+            args.seconds
+        );
+    }
+    if args.keys == 0 {
+        bail!("--keys is at least 1");
+    }
     if let Some(address) = &args.openbao {
         if !args.op.is_transit() {
             bail!("with --openbao, --op is transit-decrypt or transit-datakey");
@@ -376,7 +406,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if args.op.is_transit() {
-        bail!("--op {:?} needs --openbao", args.op);
+        bail!("--op transit-decrypt and transit-datakey need --openbao URL");
     }
     let (mut child, socket) = match &args.spawn_dev {
         Some(dir) => {
@@ -410,15 +440,17 @@ fn main() -> Result<()> {
     drop(child.0.take().map(|c| Spawned(Some(c))));
     print_figures(&args, &all, elapsed, memory);
     println!(
-        "kmsd_cache_hits={} kmsd_cache_misses={}",
+        "kmsd_cache_hits={} kmsd_cache_misses={} kmsd_provider_calls={}",
         after.0.saturating_sub(before.0),
-        after.1.saturating_sub(before.1)
+        after.1.saturating_sub(before.1),
+        after.2.saturating_sub(before.2)
     );
     Ok(())
 }
 
-/// kmsd's `cache_hits` and `cache_misses` counters, from `STATS`.
-fn cache_counters(socket: &Path) -> Result<(u64, u64)> {
+/// kmsd's `cache_hits` and `cache_misses` counters, and its calls of the provider's `get` and
+/// `get_or_create` (several misses of one key at once make one call), from `STATS`.
+fn cache_counters(socket: &Path) -> Result<(u64, u64, u64)> {
     let mut conn = Conn::open(socket)?;
     conn.ask("STATS\n")?;
     let field = |name: &str| -> Result<u64> {
@@ -428,7 +460,8 @@ fn cache_counters(socket: &Path) -> Result<(u64, u64)> {
             .and_then(|value| value.parse().ok())
             .with_context(|| format!("kmsd's STATS has no {name}: {}", conn.line.trim_end()))
     };
-    Ok((field("cache_hits")?, field("cache_misses")?))
+    let calls = field("provider_get")? + field("provider_get_or_create")?;
+    Ok((field("cache_hits")?, field("cache_misses")?, calls))
 }
 
 /// Runs `client` on `--clients` threads until `--seconds` have passed; every latency, sorted,
