@@ -11,7 +11,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -118,12 +118,18 @@ impl Conn {
     fn open(socket: &Path) -> Result<Conn> {
         let stream =
             UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+        // A server that accepts and never answers is an error, not a hang.
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut conn = Conn {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
             line: String::new(),
         };
-        conn.read()?;
+        conn.read()
+            .with_context(|| format!("no greeting from {}", socket.display()))?;
+        if conn.line.starts_with("ERR") {
+            bail!("kmsd refused the connection: {}", conn.line.trim_end());
+        }
         if !conn.line.starts_with("KMS/1") {
             bail!("not a kmsd: {:?}", conn.line);
         }
@@ -132,10 +138,14 @@ impl Conn {
 
     fn read(&mut self) -> Result<()> {
         self.line.clear();
-        if self.reader.read_line(&mut self.line)? == 0 {
-            bail!("kmsd closed the connection");
+        match self.reader.read_line(&mut self.line) {
+            Ok(0) => bail!("kmsd closed the connection"),
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                bail!("no answer within 30 s")
+            }
+            Err(e) => Err(e.into()),
         }
-        Ok(())
     }
 
     /// Sends one request and checks its answer is `OK`.
@@ -312,6 +322,9 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 /// Starts kmsd over the file provider in `dir` (initialised first if empty), with a
 /// configuration written beside it.
 fn spawn_kmsd(dir: &Path, cache_size: usize) -> Result<(Child, PathBuf)> {
+    if dir.exists() && !dir.is_dir() {
+        bail!("--spawn-dev {}: not a directory", dir.display());
+    }
     let kmsd = std::env::current_exe()?.with_file_name("kmsd");
     let dir = std::path::absolute(dir)?;
     let socket = dir.join("kms.sock");
