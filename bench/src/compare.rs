@@ -447,11 +447,7 @@ fn kms_init(bins: &Binaries, config: &Path, env: &[(&str, &str)]) -> Result<()> 
     for (key, value) in env {
         command.env(key, value);
     }
-    let out = command.output().context("cannot run kms")?;
-    if !out.status.success() {
-        bail!("kms init: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
-    Ok(())
+    crate::run_checked(&mut command, "kms init").map(drop)
 }
 
 /// A SoftHSM2 token in `<scratch>/hsm` and a kmsd over the pkcs11 provider on it.
@@ -471,25 +467,13 @@ fn pkcs11_kmsd(bins: &Binaries, scratch: &Path) -> Result<Kmsd> {
         ),
     )?;
     let conf_text = conf.display().to_string();
-    let out = Command::new("softhsm2-util")
-        .args([
-            "--init-token",
-            "--free",
-            "--label",
-            "kms-bench",
-            "--pin",
-            HSM_PIN,
-        ])
-        .args(["--so-pin", "1357-bench"])
-        .env("SOFTHSM2_CONF", &conf)
-        .output()
-        .context("cannot run softhsm2-util")?;
-    if !out.status.success() {
-        bail!(
-            "softhsm2-util --init-token: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
+    crate::run_checked(
+        Command::new("softhsm2-util")
+            .args(["--init-token", "--free", "--label", "kms-bench"])
+            .args(["--pin", HSM_PIN, "--so-pin", "1357-bench"])
+            .env("SOFTHSM2_CONF", &conf),
+        "softhsm2-util --init-token",
+    )?;
     let options = format!(
         "dir = {:?}\nmodule = \"{SOFTHSM_MODULE}\"\ntoken_label = \"kms-bench\"\n\
          key_label = \"kms-kek\"\npin_env = \"{HSM_PIN_ENV}\"\n",
@@ -562,22 +546,15 @@ impl Bao {
     }
 
     fn cli(&self, bin: &Path, args: &[&str]) -> Result<String> {
-        let out = Command::new(bin)
-            .args(args)
-            .env("BAO_ADDR", &self.addr)
-            .env("BAO_TOKEN", &self.token)
-            .env("HOME", &self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("cannot run {}", bin.display()))?;
-        if !out.status.success() {
-            bail!(
-                "bao {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        crate::run_checked(
+            Command::new(bin)
+                .args(args)
+                .env("BAO_ADDR", &self.addr)
+                .env("BAO_TOKEN", &self.token)
+                .env("HOME", &self.dir)
+                .stdin(Stdio::null()),
+            &format!("{} {}", bin.display(), args.join(" ")),
+        )
     }
 
     /// kmsd over the openbao provider on this server, with a cache of one key.

@@ -266,14 +266,7 @@ fn openssl_speed(decrypt: bool) -> Result<f64> {
     }
     command.args(["-elapsed", "-seconds", "3", "-bytes", "1048576"]);
     command.args(["-evp", "aes-256-gcm"]);
-    let output = command.output().context("cannot run `openssl speed`")?;
-    if !output.status.success() {
-        bail!(
-            "`openssl speed` failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = crate::run_checked(&mut command, "`openssl speed`")?;
     let kilobytes = parse_speed_row(&stdout, "AES-256-GCM")
         .context("`openssl speed` printed no AES-256-GCM row")?;
     Ok(kilobytes * 1000.0)

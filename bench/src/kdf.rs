@@ -92,35 +92,24 @@ fn harness() -> Result<PathBuf> {
     std::fs::create_dir_all(&out_dir)
         .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let binary = out_dir.join("pbkdf2-openssl");
-    let output = Command::new("cc")
-        .args(["-O2", "-o"])
-        .arg(&binary)
-        .arg(&source)
-        .arg("-lcrypto")
-        .output()
-        .context("cannot run cc")?;
-    if !output.status.success() {
-        bail!(
-            "cc failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
+    crate::run_checked(
+        Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&binary)
+            .arg(&source)
+            .arg("-lcrypto"),
+        "cc",
+    )?;
     Ok(binary)
 }
 
 fn harness_iterations_per_second(binary: &Path) -> Result<f64> {
-    let output = Command::new(binary)
-        .arg(DEFAULT_ITERATIONS.to_string())
-        .arg(TIMED.as_secs_f64().to_string())
-        .output()
-        .with_context(|| format!("cannot run {}", binary.display()))?;
-    if !output.status.success() {
-        bail!(
-            "the PBKDF2 harness failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = crate::run_checked(
+        Command::new(binary)
+            .arg(DEFAULT_ITERATIONS.to_string())
+            .arg(TIMED.as_secs_f64().to_string()),
+        &format!("the PBKDF2 harness {}", binary.display()),
+    )?;
     stdout
         .trim()
         .strip_prefix("iterations_per_second=")

@@ -89,6 +89,22 @@ fn all(table: &mut Table) -> Result<()> {
     million::run(table)
 }
 
+/// Runs `command` to its end: its standard output, or an error naming `what` with the
+/// command's standard error when it cannot start or fails.
+pub fn run_checked(command: &mut std::process::Command, what: &str) -> Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("cannot run {what}"))?;
+    if !output.status.success() {
+        bail!(
+            "{what} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
 /// The Cargo target directory this binary was built into (`target/release/kms-bench`).
 pub fn target_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the benchmark binary")?;

@@ -234,20 +234,15 @@ fn read_through(path: &Path) -> Result<()> {
 /// Runs a probe in a fresh process of this binary and reads its figures.
 fn probe_in_child(dir: &Path, cache: &str, seed: u64) -> Result<Probe> {
     let exe = std::env::current_exe()?;
-    let output = Command::new(exe)
-        .arg(PROBE_COMMAND)
-        .arg(dir)
-        .arg(cache)
-        .arg(seed.to_string())
-        .output()
-        .context("cannot run the probe process")?;
-    if !output.status.success() {
-        bail!(
-            "the probe failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
-    parse_probe(&String::from_utf8_lossy(&output.stdout))
+    let stdout = crate::run_checked(
+        Command::new(exe)
+            .arg(PROBE_COMMAND)
+            .arg(dir)
+            .arg(cache)
+            .arg(seed.to_string()),
+        "the probe process",
+    )?;
+    parse_probe(&stdout)
 }
 
 fn parse_probe(line: &str) -> Result<Probe> {

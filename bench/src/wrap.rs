@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use aes_kw::{KeyInit, KwpAes256};
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use kms_core::wrap::{BINDING_LEN, Kek, KeyWrapper, binding};
 use kms_core::{KeyId, SecretBytes};
 
@@ -181,14 +181,7 @@ fn openssl_speed(decrypt: bool) -> Result<f64> {
     // tick-based accounting on a busy virtual machine can overstate the rate by half.
     command.args(["-elapsed", "-seconds", "2", "-bytes", "32"]);
     command.args(["-evp", "id-aes256-wrap-pad"]);
-    let output = command.output().context("cannot run `openssl speed`")?;
-    if !output.status.success() {
-        bail!(
-            "`openssl speed` failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = crate::run_checked(&mut command, "`openssl speed`")?;
     let kilobytes = parse_speed_row(&stdout, "AES-256-WRAP-PAD")
         .context("`openssl speed` printed no AES-256-WRAP-PAD row")?;
     Ok(kilobytes * 1000.0 / DEK_LEN as f64)
