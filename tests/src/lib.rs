@@ -1008,6 +1008,25 @@ impl KekState {
         self.rows.values().sum()
     }
 
+    /// Where a kill of `kms rotate-kek` landed, from the store's state `before` the run and
+    /// this state, read after it.
+    pub fn rotation_phase(&self, run: &Run, before: &KekState) -> &'static str {
+        let old_left = self.rows_under(self.current);
+        if run.code == 0 {
+            "after the process had exited"
+        } else if self.current > before.current {
+            "phase 3, after the switch committed (before the process exited)"
+        } else if self.rotation.is_none() {
+            "phase 1, before the new master key was committed"
+        } else if old_left == self.total_rows() {
+            "phase 2, new master key committed, no key re-wrapped yet"
+        } else if old_left > 0 {
+            "phase 2, part of the keys re-wrapped"
+        } else {
+            "phase 3, every key re-wrapped, before the switch"
+        }
+    }
+
     /// What must hold whenever no process is running, whatever was killed where: `total` rows,
     /// every one under the current generation or the rotation's target, and the slot (of the
     /// one slot `primary`) and fingerprint of exactly the live generations.

@@ -129,24 +129,6 @@ fn assert_finished(run: &Run, resuming: bool, context: &str) {
 
 const KEYS: usize = 10_000;
 
-/// Where a kill of `kms rotate-kek` landed, from the store's state before and after it.
-fn rotation_phase(run: &Run, before: &KekState, after: &KekState) -> &'static str {
-    let old_left = after.rows_under(after.current);
-    if run.code == 0 {
-        "after the process had exited"
-    } else if after.current > before.current {
-        "phase 3, after the switch committed (before the process exited)"
-    } else if after.rotation.is_none() {
-        "phase 1, before the new master key was committed"
-    } else if old_left == KEYS as u64 {
-        "phase 2, new master key committed, no key re-wrapped yet"
-    } else if old_left > 0 {
-        "phase 2, part of the keys re-wrapped"
-    } else {
-        "phase 3, every key re-wrapped, before the switch"
-    }
-}
-
 /// 10,000 keys; `kms rotate-kek` killed with SIGKILL 20 times: at 18 random points, three
 /// within 20 ms of the start and fifteen spread over 1.1 x the measured duration of one
 /// rotation, and twice at the start of phase 3 (every key re-wrapped, the switch not made).
@@ -239,7 +221,7 @@ fn sigkill_during_kek_rotation_loses_no_key() {
         // Where the kill landed, from what the store holds now.
         let after = KekState::read(&kms, &context);
         after.check(KEYS as u64, &context);
-        let phase = rotation_phase(&run, &before, &after);
+        let phase = after.rotation_phase(&run, &before);
         if let KillAt::StderrFull(_) = at {
             assert!(!resuming, "{context}: a phase 3 kill in a resumed rotation");
             assert_eq!(

@@ -451,23 +451,6 @@ fn assert_rotation_finished(run: &Run, resuming: bool, context: &str) {
     );
 }
 
-/// Where a kill of `kms rotate-kek` landed, from the store's state before and after it.
-fn rotation_phase(run: &Run, before: &KekState, after: &KekState) -> &'static str {
-    if run.code == 0 {
-        "after the process had exited"
-    } else if after.current > before.current {
-        "phase 3, after the switch committed"
-    } else if after.rotation.is_none() {
-        "phase 1, before the new master key was committed"
-    } else if after.rows_under(after.current) == after.total_rows() {
-        "phase 2, no key re-wrapped yet"
-    } else if after.rows_under(after.current) > 0 {
-        "phase 2, part of the keys re-wrapped"
-    } else {
-        "phase 3, every key re-wrapped, before the switch"
-    }
-}
-
 /// One round: `LOAD_CLIENTS` clients of kmsd while `kms rotate-kek` runs on the same store,
 /// killed at `rotate` (or left to finish), and kmsd killed at `kill_kmsd`. Returns the
 /// rotation's run and what the clients saw.
@@ -648,7 +631,7 @@ fn kms_rotate_kek_killed_while_kmsd_serves() {
         unacknowledged = extra;
         let listed = check_in_process(&open, &acked, &context);
         assert_eq!(listed as u64, after.total_rows(), "{context}");
-        let phase = rotation_phase(&run, &before, &after);
+        let phase = after.rotation_phase(&run, &before);
         let how = if before.rotation.is_some() {
             "resuming"
         } else {
